@@ -1,0 +1,30 @@
+"""Conv -> Norm -> Act, the plain unit of EMOv2's stem and of the segmentation UNet's first level."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .norms import make_act, make_norm
+
+
+class ConvNormAct(nn.Sequential):
+    """`conv`, `norm`, `act` children; `groups=-1` means depth-wise. Padding keeps the size at stride 1."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: str = "bn",
+        act: str = "silu",
+    ) -> None:
+        groups = in_channels if groups == -1 else groups
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias
+        )
+        self.norm = make_norm(norm, out_channels)
+        self.act = make_act(act)

@@ -1,0 +1,133 @@
+"""i2RMB, EMOv2's Improved Inverted Residual Mobile Block (one residual, no FFN).
+
+Stride-1 block, C_in -> C_out, expansion e, M = floor(C_in * e)::
+
+    S = X
+    Y = Norm(X)                                  pre-norm (adaLN-modulated when conditioned)
+    Z = Act(Conv1x1(Y))                          conv variant: the expansion
+      = SEW-MHSA(Y, values=Act(Conv1x1(Y)))      attention variant: the expansion IS the value projection
+    Z = Z + DWNorm/Act(DWConv_k(Z))              local mixing with inner residual
+    O = gamma * Conv1x1_{M->C_out}(Dropout(Z))   projection (no bias), layer scale
+    X' = S + DropPath(O)
+
+The stride-2 variant (first block of every classifier stage) has no residual of either kind, uses the
+conv mixer, and applies the depth-wise conv with stride 2; the official code still multiplies its
+output by gamma (init 1e-6) although nothing is added to it. That is kept when `layer_scale_init` is
+given (faithful, needed to reproduce the official classifiers); the diffusion UNet passes
+`layer_scale_init=None` for such blocks and a 1x1 `conv_shortcut` where channels change, so no block
+shrinks its signal by 1e6 at init (brief, oddity 1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from .conditioning import AdaLNModulation
+from .norms import NORM_EPS, make_act, make_norm
+from .sew_mhsa import PARTITIONS, SEWMHSA
+
+
+class I2RMB(nn.Module):
+    """One i2RMB.
+
+    Args:
+        in_channels, out_channels: C_in, C_out (out defaults to in).
+        expansion: e; the mid width is floor(C_in * e). Down blocks of the classifier pass 2e.
+        stride: 1, or 2 for the downsampling variant (conv mixer only, no residual).
+        attention: use SEW-MHSA as the mixer (stride 1 only); otherwise the 1x1 conv expansion.
+        head_dim, window_size, partitions, qkv_bias: SEW-MHSA settings (see `SEWMHSA`).
+        kernel_size: depth-wise kernel (5 in every EMOv2 config).
+        norm, act: pre-norm and expansion/value activation ('bn'/'ln'/'gn', 'silu'/'gelu').
+        dw_norm, dw_act: after the depth-wise conv (classifier: bn/silu; seg-UNet copy: ln/gelu).
+        dropout: before the projection. drop_path: stochastic depth on the residual branch.
+        layer_scale_init: gamma init (1e-6 officially); None disables the layer scale.
+        residual: outer residual; None means "stride 1 and (C_in == C_out or conv_shortcut)".
+        conv_shortcut: 1x1 conv on the shortcut when C_in != C_out (diffusion UNet choice).
+        temb_channels: if set, the block is conditioned through `AdaLNModulation` and forward needs
+            `temb`; the zero-initialised gate replaces the layer scale.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: Optional[int] = None,
+        *,
+        expansion: float = 4.0,
+        stride: int = 1,
+        attention: bool = False,
+        head_dim: int = 32,
+        window_size: int = 7,
+        partitions: tuple[str, ...] = PARTITIONS,
+        qkv_bias: bool = True,
+        kernel_size: int = 5,
+        norm: str = "bn",
+        act: str = "silu",
+        dw_norm: str = "bn",
+        dw_act: str = "silu",
+        norm_eps: float = NORM_EPS,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale_init: Optional[float] = 1e-6,
+        residual: Optional[bool] = None,
+        conv_shortcut: bool = False,
+        temb_channels: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or in_channels
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}.")
+        if attention and stride != 1:
+            raise ValueError("The stride-2 i2RMB uses the conv mixer; attention needs stride 1.")
+        if residual is None:
+            residual = stride == 1 and (in_channels == out_channels or conv_shortcut)
+        if residual and stride != 1:
+            raise ValueError("A stride-2 i2RMB has no residual.")
+        if residual and in_channels != out_channels and not conv_shortcut:
+            raise ValueError("A residual between different widths needs conv_shortcut=True.")
+        mid = int(in_channels * expansion)
+        self.in_channels, self.out_channels, self.mid_channels = in_channels, out_channels, mid
+        self.stride, self.residual = stride, residual
+
+        self.norm = make_norm(norm, in_channels, eps=norm_eps)
+        self.modulation = AdaLNModulation(temb_channels, in_channels, out_channels) if temb_channels else None
+        # The expansion; in the attention variant it doubles as the value projection.
+        self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act))
+        self.attn = (
+            SEWMHSA(in_channels, head_dim, window_size, partitions=partitions, qkv_bias=qkv_bias) if attention else None
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(mid, mid, kernel_size, stride=stride, padding=kernel_size // 2, groups=mid, bias=False),
+            make_norm(dw_norm, mid, eps=norm_eps),
+            make_act(dw_act),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
+        use_layer_scale = layer_scale_init is not None and self.modulation is None
+        self.layer_scale = nn.Parameter(torch.full((out_channels,), float(layer_scale_init))) if use_layer_scale else None
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if residual and in_channels != out_channels else nn.Identity()
+        )
+        self.drop_path = StochasticDepth(drop_path, mode="row") if residual and drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.norm(x)
+        gate = None
+        if self.modulation is not None:
+            if temb is None:
+                raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
+            shift, scale, gate = self.modulation(temb)
+            y = y * (1 + scale) + shift
+        z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
+        z = z + self.dw(z) if self.residual else self.dw(z)
+        z = self.proj(self.dropout(z))
+        if gate is not None:
+            z = z * gate
+        elif self.layer_scale is not None:
+            z = z * self.layer_scale.view(1, -1, 1, 1)
+        if not self.residual:
+            return z
+        return self.shortcut(x) + self.drop_path(z)

@@ -1,0 +1,117 @@
+"""SEW-MHSA: EMOv2's spanning-window multi-head self-attention.
+
+Queries and keys come from one 1x1 conv; the values are supplied by the caller -- in an i2RMB they are
+the block's activated expansion, so attention adds only the q/k projection (2C^2 + 2C parameters).
+The same q/k/v are attended in two partitions of the (zero-padded) token grid:
+
+- local windows: contiguous w x w tiles;
+- dilated ("spanning") windows: w x w grids with stride n = H_p / w that cover the whole map.
+
+Each partition is soft-maxed on its own and the two outputs are summed (no learned mixing), so the
+combined attention weights sum to 2 -- faithful to the official `EW_MHSA_Hybrid`. When the map side
+equals w both partitions coincide and the output is exactly twice one global attention. Zero padding
+to a multiple of w is not masked (padded tokens carry q/k = bias), again as in the official code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PARTITIONS = ("local", "dilated")
+
+
+def _window_grid(height: int, width: int, window_size: int) -> tuple[int, int, int, int]:
+    """Window height/width and the number of windows along H and W (after padding)."""
+    wh = window_size if window_size > 0 else height
+    ww = window_size if window_size > 0 else width
+    return wh, ww, -(-height // wh), -(-width // ww)
+
+
+def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
+    """(B, heads*d, n1*wh, n2*ww) -> (B*n1*n2, heads, wh*ww, d) tokens of each window."""
+    b, c, hp, wp = t.shape
+    d, n1, n2 = c // heads, hp // wh, wp // ww
+    if dilated:  # row r = i*n1 + a belongs to window a (stride n1); likewise for columns
+        t = t.view(b, heads, d, wh, n1, ww, n2).permute(0, 4, 6, 1, 3, 5, 2)
+    else:  # row r = a*wh + i belongs to window a (contiguous tile)
+        t = t.view(b, heads, d, n1, wh, n2, ww).permute(0, 3, 5, 1, 4, 6, 2)
+    return t.reshape(b * n1 * n2, heads, wh * ww, d)
+
+
+def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
+    """Inverse of `partition_windows`: (B*n1*n2, heads, wh*ww, d) -> (B, heads*d, n1*wh, n2*ww)."""
+    heads, d = t.shape[1], t.shape[-1]
+    t = t.view(batch, n1, n2, heads, wh, ww, d)
+    if dilated:
+        t = t.permute(0, 3, 6, 4, 1, 5, 2)  # (B, heads, d, wh, n1, ww, n2)
+    else:
+        t = t.permute(0, 3, 6, 1, 4, 2, 5)  # (B, heads, d, n1, wh, n2, ww)
+    return t.reshape(batch, heads * d, n1 * wh, n2 * ww)
+
+
+class SEWMHSA(nn.Module):
+    """Spanning-window MHSA over an NCHW map; `partitions` selects EMOv2 (both) or ablations (one).
+
+    Args:
+        dim: input channels C; heads = C // head_dim.
+        head_dim: query/key width per head (d_h). Values may be wider (e * d_h per head).
+        window_size: w; w <= 0 attends over the whole map (one window).
+        partitions: ("local", "dilated") for EMOv2's hybrid; ("dilated",) is EMOv1's EW-MHSA.
+        qkv_bias: bias on the q/k projection (True in every official config).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        head_dim: int = 32,
+        window_size: int = 7,
+        partitions: tuple[str, ...] = PARTITIONS,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % head_dim != 0:
+            raise ValueError(f"SEW-MHSA needs dim ({dim}) divisible by head_dim ({head_dim}).")
+        unknown = set(partitions) - set(PARTITIONS)
+        if not partitions or unknown:
+            raise ValueError(f"partitions must be a non-empty subset of {PARTITIONS}, got {partitions}.")
+        self.dim, self.head_dim, self.num_heads = dim, head_dim, dim // head_dim
+        self.window_size = window_size
+        self.partitions = tuple(partitions)
+        self.qk = nn.Conv2d(dim, 2 * dim, kernel_size=1, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, to_value: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Attend over `x` (B, C, H, W); `to_value` maps the padded input to values (B, M, H_p, W_p)."""
+        b, _, h, w = x.shape
+        wh, ww, n1, n2 = _window_grid(h, w, self.window_size)
+        pad_h, pad_w = n1 * wh - h, n2 * ww - w
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        q, k = self.qk(x).chunk(2, dim=1)
+        v = to_value(x)
+        if v.shape[1] % self.num_heads != 0:
+            raise ValueError(f"Value width {v.shape[1]} is not divisible by {self.num_heads} heads.")
+
+        # With a single window both partitions are the same tokens: compute once and scale.
+        partitions = self.partitions
+        repeat = 1
+        if n1 == 1 and n2 == 1 and len(partitions) == 2:
+            partitions, repeat = ("local",), 2
+        outs = []
+        for name in partitions:
+            dilated = name == "dilated"
+            qw, kw, vw = (partition_windows(t, self.num_heads, wh, ww, dilated) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qw, kw, vw)
+            outs.append(merge_windows(o, b, n1, n2, wh, ww, dilated))
+        out = outs[0] if len(outs) == 1 else outs[0] + outs[1]
+        if repeat != 1:
+            out = out * repeat
+        if pad_h or pad_w:
+            out = out[..., :h, :w]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, window_size={self.window_size}, partitions={self.partitions}"
