@@ -37,9 +37,12 @@ class I2RMB(nn.Module):
     Args:
         in_channels, out_channels: C_in, C_out (out defaults to in).
         expansion: e; the mid width is floor(C_in * e). Down blocks of the classifier pass 2e.
+        mid_channels: explicit mid width instead (a UNet decoder sizes it from C_out, not from the
+            concatenated [hidden, skip] input).
         stride: 1, or 2 for the downsampling variant (conv mixer only, no residual).
         attention: use SEW-MHSA as the mixer (stride 1 only); otherwise the 1x1 conv expansion.
-        head_dim, window_size, partitions, qkv_bias: SEW-MHSA settings (see `SEWMHSA`).
+        head_dim, num_heads, window_size, partitions, qkv_bias: SEW-MHSA settings (see `SEWMHSA`;
+            heads default to C_in // head_dim as officially).
         kernel_size: depth-wise kernel (5 in every EMOv2 config).
         norm, act: pre-norm and expansion/value activation ('bn'/'ln'/'gn', 'silu'/'gelu').
         dw_norm, dw_act: after the depth-wise conv (classifier: bn/silu; seg-UNet copy: ln/gelu).
@@ -57,9 +60,11 @@ class I2RMB(nn.Module):
         out_channels: Optional[int] = None,
         *,
         expansion: float = 4.0,
+        mid_channels: Optional[int] = None,
         stride: int = 1,
         attention: bool = False,
         head_dim: int = 32,
+        num_heads: Optional[int] = None,
         window_size: int = 7,
         partitions: tuple[str, ...] = PARTITIONS,
         qkv_bias: bool = True,
@@ -88,7 +93,10 @@ class I2RMB(nn.Module):
             raise ValueError("A stride-2 i2RMB has no residual.")
         if residual and in_channels != out_channels and not conv_shortcut:
             raise ValueError("A residual between different widths needs conv_shortcut=True.")
-        mid = int(in_channels * expansion)
+        mid = mid_channels or int(in_channels * expansion)
+        num_heads = num_heads or max(1, in_channels // head_dim)
+        if attention and mid % num_heads:
+            raise ValueError(f"The value width {mid} must split evenly over {num_heads} attention heads.")
         self.in_channels, self.out_channels, self.mid_channels = in_channels, out_channels, mid
         self.stride, self.residual = stride, residual
 
@@ -97,7 +105,7 @@ class I2RMB(nn.Module):
         # The expansion; in the attention variant it doubles as the value projection.
         self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act))
         self.attn = (
-            SEWMHSA(in_channels, head_dim, window_size, partitions=partitions, qkv_bias=qkv_bias) if attention else None
+            SEWMHSA(in_channels, head_dim, window_size, num_heads, partitions=partitions, qkv_bias=qkv_bias) if attention else None
         )
         self.dw = nn.Sequential(
             nn.Conv2d(mid, mid, kernel_size, stride=stride, padding=kernel_size // 2, groups=mid, bias=False),

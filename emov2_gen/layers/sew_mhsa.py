@@ -15,7 +15,7 @@ to a multiple of w is not masked (padded tokens carry q/k = bias), again as in t
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,10 @@ class SEWMHSA(nn.Module):
     """Spanning-window MHSA over an NCHW map; `partitions` selects EMOv2 (both) or ablations (one).
 
     Args:
-        dim: input channels C; heads = C // head_dim.
+        dim: input channels C.
         head_dim: query/key width per head (d_h). Values may be wider (e * d_h per head).
+        num_heads: defaults to max(1, C // head_dim), the official rule; q and k then have
+            heads * head_dim = C channels whenever C is a multiple of head_dim (every official config).
         window_size: w; w <= 0 attends over the whole map (one window).
         partitions: ("local", "dilated") for EMOv2's hybrid; ("dilated",) is EMOv1's EW-MHSA.
         qkv_bias: bias on the q/k projection (True in every official config).
@@ -69,19 +71,18 @@ class SEWMHSA(nn.Module):
         dim: int,
         head_dim: int = 32,
         window_size: int = 7,
+        num_heads: Optional[int] = None,
         partitions: tuple[str, ...] = PARTITIONS,
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        if dim % head_dim != 0:
-            raise ValueError(f"SEW-MHSA needs dim ({dim}) divisible by head_dim ({head_dim}).")
         unknown = set(partitions) - set(PARTITIONS)
         if not partitions or unknown:
             raise ValueError(f"partitions must be a non-empty subset of {PARTITIONS}, got {partitions}.")
-        self.dim, self.head_dim, self.num_heads = dim, head_dim, dim // head_dim
+        self.dim, self.head_dim, self.num_heads = dim, head_dim, num_heads or max(1, dim // head_dim)
         self.window_size = window_size
         self.partitions = tuple(partitions)
-        self.qk = nn.Conv2d(dim, 2 * dim, kernel_size=1, bias=qkv_bias)
+        self.qk = nn.Conv2d(dim, 2 * self.num_heads * head_dim, kernel_size=1, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor, to_value: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Attend over `x` (B, C, H, W); `to_value` maps the padded input to values (B, M, H_p, W_p)."""

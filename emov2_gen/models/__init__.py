@@ -1,1 +1,16 @@
-"""models."""
+"""Models: the EMOv2 classifier backbone, the diffusion UNet, and the preset registry."""
+
+from .backbone import EMOV2_BACKBONE_PRESETS, EMOv2Backbone
+from .registry import BASELINE_UNET2D_PRESETS, DENOISER_PRESETS, build_denoiser, denoiser_from_config
+from .unet_2d import EMOV2_UNET_PRESETS, EMOv2UNet2DModel
+
+__all__ = [
+    "BASELINE_UNET2D_PRESETS",
+    "DENOISER_PRESETS",
+    "EMOV2_BACKBONE_PRESETS",
+    "EMOV2_UNET_PRESETS",
+    "EMOv2Backbone",
+    "EMOv2UNet2DModel",
+    "build_denoiser",
+    "denoiser_from_config",
+]

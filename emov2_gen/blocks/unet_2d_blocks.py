@@ -1,0 +1,204 @@
+"""i2RMB down, mid and up blocks for a diffusers-style UNet (the EMOv2 counterparts of `unet_2d_blocks`).
+
+Choices for diffusion (documented deviations from the classifier, see the architecture brief §6):
+- norms are channel LayerNorms everywhere (no BatchNorm: its batch statistics would mix noise levels);
+  the depth-wise conv is followed by LayerNorm + GELU, the flavour of the official seg/UNet copy;
+- conv-mixer blocks use SiLU and SEW-MHSA blocks GELU for the expansion/value, as the classifier stages;
+- every stride-1 block is conditioned by adaLN shift/scale/gate from the time(+class) embedding and
+  keeps its residual, with a 1x1 conv shortcut where the width changes (skip concatenation);
+- downsampling is EMOv2's stride-2 conv i2RMB (expansion doubled, no residual, no layer scale);
+  upsampling is diffusers' nearest x2 + 3x3 conv `Upsample2D`.
+Blocks return/consume skip tensors exactly like diffusers' `DownBlock2D`/`UpBlock2D`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+from ..layers import I2RMB
+
+DOWN_BLOCK_TYPES = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D")
+UP_BLOCK_TYPES = ("EMOv2UpBlock2D", "EMOv2AttnUpBlock2D")
+MID_BLOCK_TYPES = ("EMOv2MidBlock2D",)
+
+
+def conditioned_i2rmb(
+    in_channels: int,
+    out_channels: int,
+    temb_channels: int,
+    attention: bool,
+    expansion: float,
+    head_dim: int,
+    window_size: int,
+    mid_channels: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    kernel_size: int = 5,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+    norm_eps: float = 1e-6,
+) -> I2RMB:
+    """The stride-1, time-conditioned i2RMB used throughout the denoiser."""
+    return I2RMB(
+        in_channels,
+        out_channels,
+        expansion=expansion,
+        mid_channels=mid_channels,
+        attention=attention,
+        head_dim=head_dim,
+        num_heads=num_heads,
+        window_size=window_size,
+        kernel_size=kernel_size,
+        norm="ln",
+        act="gelu" if attention else "silu",
+        dw_norm="ln",
+        dw_act="gelu",
+        norm_eps=norm_eps,
+        dropout=dropout,
+        drop_path=drop_path,
+        conv_shortcut=True,
+        temb_channels=temb_channels,
+    )
+
+
+class _CheckpointedLayers(nn.Module):
+    """Runs conditioned layers, through diffusers' gradient-checkpointing function when enabled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run(self, layer: nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(layer, hidden, temb)
+        return layer(hidden, temb)
+
+
+class EMOv2DownBlock2D(_CheckpointedLayers):
+    """`num_layers` conditioned i2RMBs (conv mixer, or SEW-MHSA when `attention`) + optional stride-2 i2RMB."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int = 2,
+        add_downsample: bool = True,
+        attention: bool = False,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            conditioned_i2rmb(in_channels if i == 0 else out_channels, out_channels, temb_channels, attention, **block_kwargs)
+            for i in range(num_layers)
+        )
+        self.downsampler = (
+            I2RMB(
+                out_channels, out_channels, expansion=2 * block_kwargs["expansion"], stride=2,
+                kernel_size=block_kwargs.get("kernel_size", 5), norm="ln", act="silu", dw_norm="ln", dw_act="gelu",
+                norm_eps=block_kwargs.get("norm_eps", 1e-6), layer_scale_init=None,
+            )
+            if add_downsample
+            else None
+        )
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        skips = ()
+        for layer in self.layers:
+            hidden = self._run(layer, hidden, temb)
+            skips += (hidden,)
+        if self.downsampler is not None:
+            hidden = self.downsampler(hidden)
+            skips += (hidden,)
+        return hidden, skips
+
+
+class EMOv2AttnDownBlock2D(EMOv2DownBlock2D):
+    """`EMOv2DownBlock2D` whose i2RMBs mix tokens with SEW-MHSA."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, attention=True, **kwargs)
+
+
+class EMOv2MidBlock2D(_CheckpointedLayers):
+    """Two SEW-MHSA i2RMBs at the lowest resolution (the counterpart of `UNetMidBlock2D`)."""
+
+    def __init__(self, channels: int, temb_channels: int, num_layers: int = 2, **block_kwargs: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            conditioned_i2rmb(channels, channels, temb_channels, True, **block_kwargs) for _ in range(num_layers)
+        )
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = self._run(layer, hidden, temb)
+        return hidden
+
+
+class EMOv2UpBlock2D(_CheckpointedLayers):
+    """`num_layers` conditioned i2RMBs, each fed [hidden, skip] concatenated, + optional x2 upsampling.
+
+    The mid width is e * C_out and the heads C_out // d_h (not sized from the concatenation's C_in),
+    so each head keeps EMOv2's value width e * d_h and the decoder costs about what the encoder does.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int = 3,
+        add_upsample: bool = True,
+        attention: bool = False,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        layers = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            layer_in = prev_output_channel if i == 0 else out_channels
+            layers.append(
+                conditioned_i2rmb(
+                    layer_in + skip_channels, out_channels, temb_channels, attention,
+                    mid_channels=int(out_channels * block_kwargs["expansion"]),
+                    num_heads=max(1, out_channels // block_kwargs["head_dim"]), **block_kwargs,
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self.upsampler = Upsample2D(out_channels, use_conv=True, out_channels=out_channels) if add_upsample else None
+
+    def forward(
+        self, hidden: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = torch.cat([hidden, skips[-1]], dim=1)
+            skips = skips[:-1]
+            hidden = self._run(layer, hidden, temb)
+        if self.upsampler is not None:
+            hidden = self.upsampler(hidden)
+        return hidden
+
+
+class EMOv2AttnUpBlock2D(EMOv2UpBlock2D):
+    """`EMOv2UpBlock2D` whose i2RMBs mix tokens with SEW-MHSA."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, attention=True, **kwargs)
+
+
+_BLOCKS = {
+    cls.__name__: cls
+    for cls in (EMOv2DownBlock2D, EMOv2AttnDownBlock2D, EMOv2MidBlock2D, EMOv2UpBlock2D, EMOv2AttnUpBlock2D)
+}
+
+
+def get_block(block_type: str, valid: tuple[str, ...], *args: Any, **kwargs: Any) -> nn.Module:
+    """Instantiate a block by its diffusers-style type name, with a clear error for unknown names."""
+    if block_type not in valid:
+        raise ValueError(f"Unknown block type {block_type!r}; expected one of {valid}.")
+    return _BLOCKS[block_type](*args, **kwargs)
+

@@ -1,0 +1,247 @@
+"""`EMOv2UNet2DModel`: a drop-in for diffusers' `UNet2DModel` built from i2RMB blocks.
+
+Same constructor keys where they apply, same `forward(sample, timestep, class_labels=None,
+return_dict=True) -> UNet2DOutput`, so it works unchanged with every diffusers scheduler and with
+`DDPMPipeline`/`DDIMPipeline`. The time (and optional class) embedding comes from diffusers' own
+embedding layers and enters every i2RMB through adaLN shift/scale/gate (see `layers.conditioning`).
+
+Window sizes: level i of a model with `sample_size` S attends in windows of
+min(window_size, S / 2**i), so the typical 32/16/8/4 maps need no padding (w = 8, 8, 8, 4 for the
+default window_size 8): at 32x32 that is 16 local 8x8 tiles + 16 stride-4 dilated windows, at 8x8
+a single window (both partitions coincide: twice one global attention, as in the official code).
+Other sizes are zero-padded to a multiple of the window and cropped back, as the official code does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from ..blocks.unet_2d_blocks import (
+    DOWN_BLOCK_TYPES,
+    MID_BLOCK_TYPES,
+    UP_BLOCK_TYPES,
+    get_block,
+)
+from ..layers import make_norm
+
+_ATTN_LEVELS = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D")
+_ATTN_UP = ("EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2UpBlock2D")
+
+# Four levels at 32/16/8/4 for 32x32 images: conv i2RMBs at full resolution, SEW-MHSA below it.
+# Widths and expansions follow the EMOv2 classifier family's progression, sized to each budget.
+EMOV2_UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "emov2-1m": dict(block_out_channels=(24, 32, 48, 64), expansion_ratios=(2.0, 2.0, 2.5, 2.5), attention_head_dim=16),
+    "emov2-2m": dict(block_out_channels=(24, 48, 80, 96), expansion_ratios=(2.0, 2.0, 2.5, 2.5), attention_head_dim=16),
+    "emov2-5m": dict(block_out_channels=(32, 64, 128, 160), expansion_ratios=(2.0, 3.0, 3.0, 3.0), attention_head_dim=32),
+    "emov2-20m": dict(block_out_channels=(64, 128, 256, 288), expansion_ratios=(2.0, 3.0, 4.0, 4.0), attention_head_dim=32),
+}
+
+
+def _per_level(value: Union[int, float, tuple, list], levels: int, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * levels
+    if len(values) != levels:
+        raise ValueError(f"{name} has {len(values)} entries for {levels} levels.")
+    return values
+
+
+class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
+    """A 2D UNet denoiser of i2RMBs with the contract of `diffusers.UNet2DModel`.
+
+    EMOv2-specific config: `expansion_ratios` (e per level), `attention_head_dim` (d_h; int or per
+    level), `window_size` (largest SEW-MHSA window), `kernel_size` (depth-wise), `drop_path_rate`
+    (stochastic depth, linear over the encoder+mid+decoder blocks).
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: Optional[Union[int, tuple[int, int]]] = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: Optional[int] = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = _ATTN_LEVELS,
+        mid_block_type: Optional[str] = "EMOv2MidBlock2D",
+        up_block_types: tuple[str, ...] = _ATTN_UP,
+        block_out_channels: tuple[int, ...] = (32, 64, 128, 160),
+        layers_per_block: int = 2,
+        expansion_ratios: Union[float, tuple[float, ...]] = (2.0, 3.0, 3.0, 3.0),
+        attention_head_dim: Union[int, tuple[int, ...]] = 32,
+        window_size: int = 8,
+        kernel_size: int = 5,
+        dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        class_embed_type: Optional[str] = None,
+        num_class_embeds: Optional[int] = None,
+        num_train_timesteps: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        levels = len(block_out_channels)
+        if len(down_block_types) != levels or len(up_block_types) != levels:
+            raise ValueError(
+                f"down_block_types ({len(down_block_types)}) and up_block_types ({len(up_block_types)}) "
+                f"must both have one entry per block_out_channels level ({levels})."
+            )
+        if mid_block_type is not None and mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"Unknown mid_block_type {mid_block_type!r}; expected one of {MID_BLOCK_TYPES} or None.")
+        expansions = _per_level(expansion_ratios, levels, "expansion_ratios")
+        head_dims = _per_level(attention_head_dim, levels, "attention_head_dim")
+        self.window_sizes = self._level_window_sizes(sample_size, window_size, levels)
+        ch0 = block_out_channels[0]
+
+        # Time and class embeddings: diffusers' own layers, as in UNet2DModel.
+        time_embed_dim = time_embedding_dim or ch0 * 4
+        if time_embedding_type == "positional":
+            self.time_proj = Timesteps(ch0, flip_sin_to_cos, freq_shift)
+            timestep_input_dim = ch0
+        elif time_embedding_type == "fourier":
+            self.time_proj = GaussianFourierProjection(embedding_size=ch0, scale=16)
+            timestep_input_dim = 2 * ch0
+        elif time_embedding_type == "learned":
+            if num_train_timesteps is None:
+                raise ValueError("time_embedding_type='learned' needs num_train_timesteps.")
+            self.time_proj = nn.Embedding(num_train_timesteps, ch0)
+            timestep_input_dim = ch0
+        else:
+            raise ValueError(f"Unknown time_embedding_type {time_embedding_type!r}; use positional, fourier or learned.")
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        if class_embed_type is None and num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
+        elif class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        elif class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        elif class_embed_type is None:
+            self.class_embedding = None
+        else:
+            raise ValueError(f"Unknown class_embed_type {class_embed_type!r}; use None, 'timestep' or 'identity'.")
+
+        # Stochastic depth over all conditioned blocks in order (encoder, mid, decoder).
+        num_blocks = levels * layers_per_block + (2 if mid_block_type else 0) + levels * (layers_per_block + 1)
+        drop_rates = iter(torch.linspace(0, drop_path_rate, num_blocks).tolist())
+
+        def kwargs_for(level: int) -> dict[str, Any]:
+            return dict(
+                expansion=expansions[level], head_dim=head_dims[level], window_size=self.window_sizes[level],
+                kernel_size=kernel_size, dropout=dropout, norm_eps=norm_eps, drop_path=next(drop_rates),
+            )
+
+        self.conv_in = nn.Conv2d(in_channels, ch0, kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(down_block_types):
+            self.down_blocks.append(
+                get_block(
+                    block_type, DOWN_BLOCK_TYPES, block_out_channels[i - 1] if i else ch0, block_out_channels[i],
+                    time_embed_dim, num_layers=layers_per_block, add_downsample=i < levels - 1, **kwargs_for(i),
+                )
+            )
+        self.mid_block = (
+            get_block(mid_block_type, MID_BLOCK_TYPES, block_out_channels[-1], time_embed_dim, **kwargs_for(levels - 1))
+            if mid_block_type
+            else None
+        )
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(block_out_channels))
+        for i, block_type in enumerate(up_block_types):
+            level = levels - 1 - i
+            self.up_blocks.append(
+                get_block(
+                    block_type, UP_BLOCK_TYPES, reversed_channels[min(i + 1, levels - 1)],
+                    reversed_channels[max(i - 1, 0)], reversed_channels[i], time_embed_dim,
+                    num_layers=layers_per_block + 1, add_upsample=i < levels - 1, **kwargs_for(level),
+                )
+            )
+        self.conv_norm_out = make_norm("ln", ch0, eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch0, out_channels, kernel_size=3, padding=1)
+
+    @staticmethod
+    def _level_window_sizes(sample_size: Any, window_size: int, levels: int) -> tuple[int, ...]:
+        if sample_size is None or window_size <= 0:
+            return (window_size,) * levels
+        side = min(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size
+        return tuple(max(1, min(window_size, side // 2**i)) for i in range(levels))
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W must be multiples of this (one stride-2 block per level but the last)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EMOv2UNet2DModel":
+        """Build a preset (`emov2-1m`, `emov2-2m`, `emov2-5m`, `emov2-20m`); overrides win."""
+        if name not in EMOV2_UNET_PRESETS:
+            raise ValueError(f"Unknown EMOv2 UNet preset {name!r}; valid presets: {', '.join(EMOV2_UNET_PRESETS)}.")
+        return cls(**{"sample_size": 32, **EMOV2_UNET_PRESETS[name], **overrides})
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        if sample.ndim != 4:
+            raise ValueError(f"Expected a 4-D sample (B, {self.config.in_channels}, H, W), got shape {tuple(sample.shape)}.")
+        if sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"Expected {self.config.in_channels} input channels, got {sample.shape[1]} (shape {tuple(sample.shape)}).")
+        factor = self.downsample_factor
+        if sample.shape[-2] % factor or sample.shape[-1] % factor:
+            raise ValueError(f"H and W must be multiples of {factor} for this model, got {tuple(sample.shape[-2:])}.")
+
+    def _embed(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], class_labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning embedding, and the timesteps broadcast to the batch."""
+        timesteps = timestep
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps[None].to(sample.device)
+        timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+        t_emb = self.time_proj(timesteps).to(dtype=self.dtype)
+        emb = self.time_embedding(t_emb)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("class_labels should be provided when doing class conditioning.")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels)
+            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels were given but the model has no class embedding (num_class_embeds is None).")
+        return emb, timesteps
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[torch.Tensor, float, int],
+        class_labels: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ) -> Union[UNet2DOutput, tuple]:
+        """Predict noise (or x0 / v) for `sample` (B, C, H, W) at `timestep` (int, float, 0-d or (B,))."""
+        self._check_sample(sample)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb, timesteps = self._embed(sample, timestep, class_labels)
+
+        hidden = self.conv_in(sample)
+        skips = (hidden,)
+        for block in self.down_blocks:
+            hidden, block_skips = block(hidden, emb)
+            skips += block_skips
+        if self.mid_block is not None:
+            hidden = self.mid_block(hidden, emb)
+        for block in self.up_blocks:
+            n = len(block.layers)
+            hidden = block(hidden, skips[-n:], emb)
+            skips = skips[:-n]
+        out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
+        if self.config.time_embedding_type == "fourier":  # score-SDE convention, as UNet2DModel
+            out = out / timesteps.reshape(-1, 1, 1, 1).to(out.dtype)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
