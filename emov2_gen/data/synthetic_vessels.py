@@ -85,21 +85,35 @@ def _grow_vessel_trees(
     tapers, branches now and then and stops at one pixel width or at the edge of the field of view.
     """
     scale = 2.0 * fov_radius / (0.94 * REFERENCE_SIZE)
+    radius_scale = max(scale, 0.5)  # small pictures keep vessels that are at least ~1 px wide near the disc
     temporal = -side
     tips: list[_VesselTip] = []
     for vertical in (-1, 1):  # superior and inferior arcades, an artery (lighter) and a vein (darker) each
         for contrast in (rng.uniform(0.35, 0.5), rng.uniform(0.55, 0.75)):
             angle = vertical * np.pi / 2 - vertical * temporal * rng.uniform(0.25, 0.6)
             tips.append(
-                _VesselTip(disc[0], disc[1], angle, rng.uniform(2.4, 3.4) * scale,
-                           -vertical * temporal * rng.uniform(1.5, 2.5) / fov_radius, contrast,
-                           rng.uniform(350, 600) * scale)
+                _VesselTip(
+                    y=disc[0],
+                    x=disc[1],
+                    angle=angle,
+                    radius=rng.uniform(2.4, 3.4) * radius_scale,
+                    curvature=-vertical * temporal * rng.uniform(1.5, 2.5) / fov_radius,
+                    contrast=contrast,
+                    decay_length=rng.uniform(350, 600) * scale,
+                )
             )
     nasal_angle = 0.0 if side > 0 else np.pi
     for _ in range(int(rng.integers(2, 5))):
         tips.append(
-            _VesselTip(disc[0], disc[1], nasal_angle + rng.uniform(-1.3, 1.3), rng.uniform(1.4, 2.4) * scale,
-                       rng.normal(0.0, 0.4) / fov_radius, rng.uniform(0.35, 0.7), rng.uniform(250, 450) * scale)
+            _VesselTip(
+                y=disc[0],
+                x=disc[1],
+                angle=nasal_angle + rng.uniform(-1.3, 1.3),
+                radius=rng.uniform(1.4, 2.4) * radius_scale,
+                curvature=rng.normal(0.0, 0.4) / fov_radius,
+                contrast=rng.uniform(0.35, 0.7),
+                decay_length=rng.uniform(250, 450) * scale,
+            )
         )
 
     segments: list[tuple[float, ...]] = []
@@ -125,9 +139,15 @@ def _grow_vessel_trees(
                 tip.radius *= rng.uniform(0.85, 0.95)
                 if child_radius >= MIN_VESSEL_RADIUS:
                     tips.append(
-                        _VesselTip(tip.y, tip.x, tip.angle + rng.choice((-1, 1)) * rng.uniform(0.45, 1.1),
-                                   child_radius, rng.normal(0.0, 1.0) / fov_radius,
-                                   tip.contrast * rng.uniform(0.8, 1.05), tip.decay_length * rng.uniform(0.4, 0.7))
+                        _VesselTip(
+                            y=tip.y,
+                            x=tip.x,
+                            angle=tip.angle + rng.choice((-1, 1)) * rng.uniform(0.45, 1.1),
+                            radius=child_radius,
+                            curvature=rng.normal(0.0, 1.0) / fov_radius,
+                            contrast=tip.contrast * rng.uniform(0.8, 1.05),
+                            decay_length=tip.decay_length * rng.uniform(0.4, 0.7),
+                        )
                     )
     return np.asarray(segments, dtype=np.float64).reshape(-1, 6)
 
@@ -139,7 +159,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return (field - field.mean()) / max(field.std(), 1e-6)
 
 
-def generate_vessel_sample(size: tuple[int, int] = (512, 512), seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_vessel_sample(
+    size: tuple[int, int] = (512, 512), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic fundus sample.
 
     Returns ``(image, mask, fov)``: ``image`` uint8 (H, W, 3) RGB, ``mask`` uint8 (H, W) with 1 on vessel
@@ -155,15 +177,19 @@ def generate_vessel_sample(size: tuple[int, int] = (512, 512), seed: int = 0) ->
     side = int(rng.choice((-1, 1)))  # optic disc right (+1) or left (-1) of the centre
     disc = (center[0] + rng.uniform(-0.08, 0.08) * fov_radius, center[1] + side * rng.uniform(0.35, 0.5) * fov_radius)
     disc_radius = rng.uniform(0.08, 0.1) * fov_radius
-    macula = (center[0] + rng.uniform(-0.05, 0.05) * fov_radius, center[1] - side * rng.uniform(0.05, 0.15) * fov_radius)
+    macula = (
+        center[0] + rng.uniform(-0.05, 0.05) * fov_radius,
+        center[1] - side * rng.uniform(0.05, 0.15) * fov_radius,
+    )
 
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.0
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     radial = np.hypot(ys - center[0], xs - center[1]) / fov_radius
     fov = radial <= 1.0
 
     # Background: orange-red base, vignetting, slow illumination changes and fine choroidal texture.
     base_colour = np.array([rng.uniform(170, 235), rng.uniform(65, 115), rng.uniform(20, 50)])
-    illumination = (1.0 - rng.uniform(0.3, 0.55) * radial**2) * (1.0 + rng.uniform(0.06, 0.14) * _smooth_noise(rng, size, 4))
+    vignetting = 1.0 - rng.uniform(0.3, 0.55) * radial**2
+    illumination = vignetting * (1.0 + rng.uniform(0.06, 0.14) * _smooth_noise(rng, size, 4))
     texture = gaussian_filter(rng.standard_normal(size), sigma=max(short / 200, 1.0))
     texture /= max(texture.std(), 1e-6)
     image = base_colour * illumination[..., None] * (1.0 + np.array([0.05, 0.035, 0.03]) * texture[..., None])
@@ -216,7 +242,8 @@ class SyntheticVesselDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples.")
-        image, mask, fov = generate_vessel_sample(self.size, sample_seed(self.seed, self.split, index % self.num_samples))
+        seed = sample_seed(self.seed, self.split, index % self.num_samples)
+        image, mask, fov = generate_vessel_sample(self.size, seed)
         return {"image": image, "mask": mask, "fov": fov}
 
 
