@@ -15,6 +15,7 @@ from .models import (
     EMOV2_UNET_PRESETS,
     EMOv2Backbone,
     EMOv2UNet2DModel,
+    EMOv2UNetForSegmentation,
     build_denoiser,
     denoiser_from_config,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "EMOV2_UNET_PRESETS",
     "EMOv2Backbone",
     "EMOv2UNet2DModel",
+    "EMOv2UNetForSegmentation",
     "ModelMixin",
     "build_denoiser",
     "denoiser_from_config",

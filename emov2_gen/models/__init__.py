@@ -2,6 +2,7 @@
 
 from .backbone import EMOV2_BACKBONE_PRESETS, EMOv2Backbone
 from .registry import BASELINE_UNET2D_PRESETS, DENOISER_PRESETS, build_denoiser, denoiser_from_config
+from .segmentation import EMOv2UNetForSegmentation
 from .unet_2d import EMOV2_UNET_PRESETS, EMOv2UNet2DModel
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "EMOV2_UNET_PRESETS",
     "EMOv2Backbone",
     "EMOv2UNet2DModel",
+    "EMOv2UNetForSegmentation",
     "build_denoiser",
     "denoiser_from_config",
 ]
