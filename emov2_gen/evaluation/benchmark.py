@@ -1,0 +1,394 @@
+"""Speed, size and memory of denoisers, measured side by side and reported as ratios to a baseline.
+
+Timings are interleaved: each repetition runs every metric for every model in turn (round-robin), after
+warm-up, and the median is reported, so a slow patch on a shared machine hits all models alike. Peak memory
+is the most tensor memory the step allocates beyond what was already allocated (weights, optimizer state):
+`torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's `[memory]` events of `torch.profiler` on CPU
+(tensor bytes; not RSS, oneDNN scratch space is not included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMPipeline, DDIMScheduler
+from diffusers.models.modeling_utils import ModelMixin
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+
+from .flops import FLOP_CONVENTION, count_gflops
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated during the step minus memory_allocated before it",
+    "cpu": "peak of the running sum of torch.profiler CPU allocator [memory] events during the step (tensor bytes)",
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to measure and how. Forward latencies cover every (batch size, resolution) pair."""
+
+    resolutions: tuple[int, ...] = (32, 64)
+    batch_sizes: tuple[int, ...] = (1, 16)
+    train_batch_size: int = 16
+    train_resolution: int = 32
+    sampling_batch_size: int = 16
+    sampling_steps: int = 50
+    repeats: int = 5
+    sampling_repeats: int = 1
+    warmup: int = 1
+    in_channels: int = 3
+    device: str = "cpu"
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if torch.device(self.device).type not in MEMORY_METHOD:
+            raise ValueError(f"Unsupported device {self.device!r}; use cpu or cuda.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if self.train_resolution not in self.resolutions:
+            raise ValueError(f"train_resolution {self.train_resolution} must be one of resolutions {self.resolutions}.")
+        counts = (self.repeats, self.sampling_repeats, self.train_batch_size, self.sampling_batch_size, self.sampling_steps)
+        if min(counts) < 1 or min(self.batch_sizes) < 1 or self.warmup < 0:
+            raise ValueError("repeats, batch sizes and sampling steps must be positive and warmup non-negative.")
+
+
+# A smoke test of the whole path (CI, tests), not a measurement.
+QUICK_SETTINGS = BenchmarkSettings(
+    resolutions=(32,), batch_sizes=(1, 4), train_batch_size=4, sampling_batch_size=4, sampling_steps=5, repeats=2
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool = False
+
+
+def benchmark_metrics(settings: BenchmarkSettings) -> list[Metric]:
+    """The report's columns for these settings, in order."""
+    r, bt, bs = settings.train_resolution, settings.train_batch_size, max(settings.batch_sizes)
+    metrics = [Metric("parameters", "params", "M")]
+    metrics += [Metric(f"gflops_{res}px", f"GFLOPs/img {res}²", "GFLOPs") for res in settings.resolutions]
+    metrics += [
+        Metric(f"forward_ms_bs{b}_{res}px", f"fwd bs{b} {res}²", "ms")
+        for res in settings.resolutions
+        for b in settings.batch_sizes
+    ]
+    metrics += [
+        Metric("train_step_ms", f"train step bs{bt} {r}²", "ms"),
+        Metric("train_peak_mib", f"train peak bs{bt} {r}²", "MiB"),
+        Metric("forward_peak_mib", f"fwd peak bs{bs} {r}²", "MiB"),
+        Metric(
+            "sampling_images_per_s", f"DDIM-{settings.sampling_steps} bs{settings.sampling_batch_size}", "img/s",
+            higher_is_better=True,
+        ),
+    ]
+    return metrics
+
+
+@dataclass
+class BenchmarkReport:
+    settings: BenchmarkSettings
+    environment: dict[str, Any]
+    baseline: str
+    metrics: list[Metric]
+    model_classes: dict[str, str]
+    values: dict[str, dict[str, float]]
+    timings_s: dict[str, dict[str, list[float]]]
+
+    @property
+    def memory_method(self) -> str:
+        return MEMORY_METHOD[torch.device(self.settings.device).type]
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """Every value divided by the baseline's (so the baseline's ratios are all 1)."""
+        base = self.values[self.baseline]
+        return {name: {key: value / base[key] for key, value in values.items()} for name, values in self.values.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        ratios = self.ratios()
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "environment": self.environment,
+            "baseline": self.baseline,
+            "flop_convention": FLOP_CONVENTION,
+            "memory_method": self.memory_method,
+            "metrics": [dataclasses.asdict(metric) for metric in self.metrics],
+            "models": [
+                {
+                    "name": name,
+                    "class": self.model_classes[name],
+                    "values": self.values[name],
+                    "ratios": ratios[name],
+                    "timings_s": self.timings_s[name],
+                }
+                for name in self.values
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        """A table with one row per model; each cell is `value (ratio to baseline)`."""
+        ratios = self.ratios()
+        header = ["model"] + [f"{metric.label} ({metric.unit})" for metric in self.metrics]
+        rows = [
+            [name] + [f"{_format_value(values[m.key], m.unit)} ({ratios[name][m.key]:.2f}x)" for m in self.metrics]
+            for name, values in self.values.items()
+        ]
+        env, s = self.environment, self.settings
+        lines = [
+            f"Ratios are model / `{self.baseline}` (time, memory: lower is better; img/s: higher is better). "
+            f"Medians of {s.repeats} interleaved repetitions ({s.sampling_repeats} for sampling) after {s.warmup} "
+            f"warm-up; device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
+            f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}.",
+            "",
+            markdown_table(header, rows),
+            "",
+            f"GFLOPs: {FLOP_CONVENTION}. Peak memory: {self.memory_method}.",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def save(self, output_dir: str | Path) -> tuple[Path, Path]:
+        """Write `benchmark.json` and `benchmark.md` into `output_dir` (created if needed)."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = output_dir / "benchmark.json", output_dir / "benchmark.md"
+        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        md_path.write_text(self.to_markdown())
+        return json_path, md_path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _format_value(value: float, unit: str) -> str:
+    if unit == "M":
+        return f"{value / 1e6:.2f}M"
+    if unit == "MiB":
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Versions, device name and torch's intra-op thread count."""
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            device_name = next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
+    return {
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(run: Callable[[], Any], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    run()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_memory_mib(run: Callable[[], Any], device: torch.device) -> float:
+    """The most tensor memory `run` allocates on top of what is allocated when it starts, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    allocations = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
+    peak = current = 0
+    for _, nbytes in allocations:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+class _ModelUnderTest:
+    """One model (per resolution) with its inputs, optimizer and pipeline, and the closures that run them."""
+
+    def __init__(self, build: Callable[[int], ModelMixin], settings: BenchmarkSettings, device: torch.device) -> None:
+        self.settings, self.device = settings, device
+        self.gflops: dict[int, float] = {}
+        self.models = {res: self._prepare(build(res), res) for res in settings.resolutions}
+        train_model = self.models[settings.train_resolution]
+        self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+        self.pipeline = DDIMPipeline(unet=train_model, scheduler=DDIMScheduler(num_train_timesteps=1000))
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def _prepare(self, model: ModelMixin, resolution: int) -> ModelMixin:
+        model = model.to(self.device).eval()
+        if self.settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # Counted before compiling: FlopCounterMode does not see inside a compiled graph.
+        self.gflops[resolution] = count_gflops(model, resolution, self.settings.in_channels)
+        if self.settings.compile:
+            model.compile()
+        return model
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = DTYPES[self.settings.dtype]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _inputs(self, batch_size: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator("cpu").manual_seed(0)
+        sample = torch.randn(batch_size, self.settings.in_channels, resolution, resolution, generator=generator)
+        if self.settings.channels_last:
+            sample = sample.to(memory_format=torch.channels_last)
+        timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+        return sample.to(self.device), timesteps.to(self.device)
+
+    def forward(self, batch_size: int, resolution: int) -> Callable[[], None]:
+        model = self.models[resolution]
+        sample, timesteps = self._inputs(batch_size, resolution)
+
+        def run() -> None:
+            with torch.inference_mode(), self._autocast():
+                model(sample, timesteps)
+
+        return run
+
+    def train_step(self) -> Callable[[], None]:
+        """Forward, epsilon-MSE backward and an AdamW step."""
+        model = self.models[self.settings.train_resolution]
+        noisy, timesteps = self._inputs(self.settings.train_batch_size, self.settings.train_resolution)
+        noise = torch.randn_like(noisy)
+
+        def run() -> None:
+            model.train()
+            with self._autocast():
+                prediction = model(noisy, timesteps).sample
+            F.mse_loss(prediction.float(), noise).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            model.eval()
+
+        return run
+
+    def sampling(self) -> Callable[[], None]:
+        """DDIM sampling of one batch with the diffusers pipeline."""
+
+        def run() -> None:
+            with torch.inference_mode(), self._autocast():
+                self.pipeline(
+                    batch_size=self.settings.sampling_batch_size,
+                    num_inference_steps=self.settings.sampling_steps,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="np",
+                )
+
+        return run
+
+
+def _interleaved_seconds(
+    cases: dict[str, dict[str, Callable[[], None]]], repeats: int, warmup: int, device: torch.device, description: str
+) -> dict[str, dict[str, list[float]]]:
+    """Run `cases[metric][model]` round-robin over models, `warmup` untimed then `repeats` timed passes."""
+    timings: dict[str, dict[str, list[float]]] = {}
+    total = (warmup + repeats) * sum(len(per_model) for per_model in cases.values())
+    with tqdm(total=total, desc=description, leave=False) as progress:
+        for repetition in range(warmup + repeats):
+            for metric, per_model in cases.items():
+                for name, run in per_model.items():
+                    seconds = _seconds(run, device)
+                    if repetition >= warmup:
+                        timings.setdefault(name, {}).setdefault(metric, []).append(seconds)
+                    progress.update()
+    return timings
+
+
+def run_benchmark(
+    builders: dict[str, Callable[[int], ModelMixin]],
+    baseline: str,
+    settings: BenchmarkSettings = BenchmarkSettings(),
+) -> BenchmarkReport:
+    """Measure every model in `builders` (name -> function(sample_size) -> randomly initialised denoiser)."""
+    if baseline not in builders:
+        raise ValueError(f"The baseline {baseline!r} must be one of the benchmarked models: {', '.join(builders)}.")
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but torch.cuda.is_available() is False.")
+    torch.manual_seed(0)
+    subjects = {name: _ModelUnderTest(build, settings, device) for name, build in builders.items()}
+
+    values: dict[str, dict[str, float]] = {name: {} for name in subjects}
+    for name, subject in subjects.items():
+        values[name]["parameters"] = float(subject.models[settings.train_resolution].num_parameters())
+        values[name].update({f"gflops_{res}px": gflops for res, gflops in subject.gflops.items()})
+
+    latency_cases: dict[str, dict[str, Callable[[], None]]] = {
+        f"forward_ms_bs{b}_{res}px": {name: s.forward(b, res) for name, s in subjects.items()}
+        for res in settings.resolutions
+        for b in settings.batch_sizes
+    }
+    latency_cases["train_step_ms"] = {name: s.train_step() for name, s in subjects.items()}
+    timings = _interleaved_seconds(latency_cases, settings.repeats, settings.warmup, device, "latency")
+    sampling = _interleaved_seconds(
+        {"sampling_s": {name: s.sampling() for name, s in subjects.items()}},
+        settings.sampling_repeats, 0, device, "sampling",
+    )
+    for name in subjects:
+        timings[name].update(sampling[name])
+        for metric, seconds in timings[name].items():
+            if metric != "sampling_s":
+                values[name][metric] = 1e3 * statistics.median(seconds)
+        values[name]["sampling_images_per_s"] = settings.sampling_batch_size / statistics.median(timings[name]["sampling_s"])
+
+    for name, subject in subjects.items():
+        values[name]["train_peak_mib"] = peak_memory_mib(subject.train_step(), device)
+        values[name]["forward_peak_mib"] = peak_memory_mib(
+            subject.forward(max(settings.batch_sizes), settings.train_resolution), device
+        )
+
+    metrics = benchmark_metrics(settings)
+    return BenchmarkReport(
+        settings=settings,
+        environment=environment_info(device),
+        baseline=baseline,
+        metrics=metrics,
+        model_classes={name: type(s.models[settings.train_resolution]).__name__ for name, s in subjects.items()},
+        values={name: {m.key: values[name][m.key] for m in metrics} for name in subjects},
+        timings_s=timings,
+    )

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Benchmark the EMOv2 UNet presets against the diffusers UNet2DModel baselines (speed, size, memory).
+
+    python eval/benchmark.py --output_dir outputs/benchmark                 # all presets, CPU, fp32
+    python eval/benchmark.py --models emov2-5m unet2d-5m --quick --output_dir /tmp/bench
+    python eval/benchmark.py --device cuda --dtype bf16 --channels_last --compile --output_dir outputs/benchmark-gpu
+
+Measures parameters, GFLOPs per image, forward latency (batch 1 and 16, 32x32 and 64x64), a training step
+(forward + backward + AdamW, batch 16, 32x32), peak memory and DDIM-50 sampling throughput (batch 16), interleaved
+over the models, and reports medians as ratios to the baseline. Prints the table and writes OUTPUT_DIR/benchmark.json
+and OUTPUT_DIR/benchmark.md.
+"""
+
+import argparse
+import dataclasses
+import functools
+
+import torch
+
+from emov2_gen.evaluation.benchmark import DTYPES, QUICK_SETTINGS, BenchmarkSettings, run_benchmark
+from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(DENOISER_PRESETS))
+    parser.add_argument("--baseline", choices=DENOISER_PRESETS, default="unet2d-5m", help="Ratios are relative to it.")
+    parser.add_argument(
+        "--quick", action="store_true", help="32x32, batch 1 and 4, 2 repeats, DDIM-5: a smoke test, not a measurement."
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="Timed repetitions per measurement (default 5; 2 with --quick).")
+    parser.add_argument("--sampling_repeats", type=int, default=None, help="Timed DDIM runs per model (default 1).")
+    parser.add_argument("--in_channels", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice, one per core)."
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16 runs everything under autocast.")
+    parser.add_argument("--channels_last", action="store_true", help="Models and inputs in channels_last layout.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (slow to start on CPU).")
+    parser.add_argument("--output_dir", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    models = list(dict.fromkeys(args.models))
+    if args.baseline not in models:
+        print(f"Adding the baseline {args.baseline!r} to the benchmarked models.")
+        models.insert(0, args.baseline)
+    base = QUICK_SETTINGS if args.quick else BenchmarkSettings()
+    overrides = {"repeats": args.repeats, "sampling_repeats": args.sampling_repeats}
+    settings = dataclasses.replace(
+        base,
+        **{key: value for key, value in overrides.items() if value is not None},
+        in_channels=args.in_channels,
+        device=args.device,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
+    builders = {
+        name: functools.partial(build_denoiser, name, in_channels=args.in_channels) for name in models
+    }
+    report = run_benchmark(builders, args.baseline, settings)
+    json_path, md_path = report.save(args.output_dir)
+    print(report.to_markdown())
+    print(f"Wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Print the denoiser presets' size table: parameters and GFLOPs per image, beside the UNet2DModel baselines.
+
+    python eval/model_table.py                        # 32x32 RGB, all presets, markdown to stdout
+    python eval/model_table.py --json outputs/model_table.json
+
+GFLOPs come from torch.utils.flop_counter (see `emov2_gen.evaluation.flops.FLOP_CONVENTION`).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from emov2_gen.evaluation.benchmark import markdown_table
+from emov2_gen.evaluation.flops import FLOP_CONVENTION, count_gflops
+from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(DENOISER_PRESETS))
+    parser.add_argument("--baseline", choices=DENOISER_PRESETS, default="unet2d-5m", help="Ratios are relative to it.")
+    parser.add_argument("--sample_size", type=int, default=32)
+    parser.add_argument("--in_channels", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the rows to this JSON file.")
+    return parser.parse_args(argv)
+
+
+def model_rows(names: list[str], sample_size: int, in_channels: int) -> list[dict]:
+    rows = []
+    for name in names:
+        model = build_denoiser(name, sample_size=sample_size, in_channels=in_channels).eval()
+        rows.append(
+            {
+                "name": name,
+                "class": type(model).__name__,
+                "block_out_channels": list(model.config.block_out_channels),
+                "parameters": model.num_parameters(),
+                "gflops_per_image": count_gflops(model, sample_size, in_channels),
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    names = list(dict.fromkeys(args.models + [args.baseline]))
+    torch.manual_seed(0)
+    rows = model_rows(names, args.sample_size, args.in_channels)
+    base = next(row for row in rows if row["name"] == args.baseline)
+    for row in rows:
+        row["parameters_ratio"] = row["parameters"] / base["parameters"]
+        row["gflops_ratio"] = row["gflops_per_image"] / base["gflops_per_image"]
+    size = f"{args.sample_size}x{args.sample_size}x{args.in_channels}"
+    header = [
+        "model", "class", "block_out_channels", "params (M)", f"params / {args.baseline}",
+        f"GFLOPs per {size} image", f"GFLOPs / {args.baseline}",
+    ]
+    table = markdown_table(
+        header,
+        [
+            [
+                row["name"], row["class"], str(tuple(row["block_out_channels"])), f"{row['parameters'] / 1e6:.2f}",
+                f"{row['parameters_ratio']:.2f}", f"{row['gflops_per_image']:.3f}", f"{row['gflops_ratio']:.2f}",
+            ]
+            for row in rows
+        ],
+    )
+    print(table)
+    print(f"\nGFLOPs: {FLOP_CONVENTION}.")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"sample_size": args.sample_size, "in_channels": args.in_channels, "baseline": args.baseline,
+                   "flop_convention": FLOP_CONVENTION, "models": rows}
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"Wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

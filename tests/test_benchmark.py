@@ -1,0 +1,180 @@
+"""Benchmark library and CLIs: FLOP counting by hand, memory peaks, interleaving, report contents."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from torch import nn
+
+from emov2_gen.evaluation.benchmark import (
+    BenchmarkSettings,
+    _interleaved_seconds,
+    benchmark_metrics,
+    peak_memory_mib,
+    run_benchmark,
+)
+from emov2_gen.evaluation.flops import count_gflops
+from emov2_gen.models.registry import build_denoiser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one torch thread (two threads on a busy 2-core runner spend most of their time waiting), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ConvAttention(nn.Module):
+    """A 1x1 conv, then single-head self-attention over the pixels: FLOPs are easy to count by hand."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, kernel_size=1)
+
+    def forward(self, sample, timestep, class_labels=None):
+        hidden = self.conv(sample)
+        tokens = hidden.flatten(2).transpose(1, 2)[:, None]  # (B, 1, H*W, C), equal q/k/v widths
+        return F.scaled_dot_product_attention(tokens, tokens, tokens)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_count_gflops_matches_hand_count(batch_size):
+    in_channels, channels, height, width = 3, 8, 4, 6
+    tokens = height * width
+    conv = 2 * in_channels * channels * tokens  # one multiply-add per weight and pixel
+    attention = 2 * (tokens * tokens * channels) * 2  # QK^T and AV
+    gflops = count_gflops(ConvAttention(in_channels, channels), (height, width), in_channels, batch_size=batch_size)
+    assert gflops * 1e9 == pytest.approx(conv + attention)
+
+
+def test_count_gflops_passes_class_labels_and_rejects_bad_batch():
+    model = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1, num_class_embeds=4,
+    )
+    assert count_gflops(model, 8, 1) > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        count_gflops(model, 8, 1, batch_size=0)
+
+
+def test_peak_memory_counts_the_largest_live_set():
+    def run():
+        big = torch.ones(8 * 2**20 // 4)  # 8 MiB of float32
+        del big
+        small = torch.ones(2 * 2**20 // 4)
+        other = torch.ones(2 * 2**20 // 4)  # 4 MiB live together
+        return small, other
+
+    assert peak_memory_mib(run, torch.device("cpu")) == pytest.approx(8.0, abs=0.1)
+
+
+def test_measurements_are_interleaved_round_robin():
+    calls = []
+    cases = {
+        metric: {model: (lambda m=model, k=metric: calls.append((k, m))) for model in ("a", "b")}
+        for metric in ("x", "y")
+    }
+    timings = _interleaved_seconds(cases, repeats=2, warmup=1, device=torch.device("cpu"), description="test")
+    assert calls == [("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")] * 3
+    assert {model: {metric: len(t) for metric, t in per.items()} for model, per in timings.items()} == {
+        "a": {"x": 2, "y": 2},
+        "b": {"x": 2, "y": 2},
+    }
+
+
+def tiny_unet2d(sample_size: int) -> UNet2DModel:
+    return UNet2DModel(
+        sample_size=sample_size, block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_path, one_thread):
+    settings = BenchmarkSettings(
+        resolutions=(16,), batch_sizes=(1, 2), train_resolution=16, train_batch_size=2,
+        sampling_batch_size=2, sampling_steps=2, repeats=3, sampling_repeats=2,
+    )
+    builders = {"tiny-unet2d": tiny_unet2d, "tiny-emov2": lambda size: make_tiny_unet(sample_size=size)}
+    report = run_benchmark(builders, baseline="tiny-unet2d", settings=settings)
+
+    keys = [metric.key for metric in benchmark_metrics(settings)]
+    assert keys == [
+        "parameters", "gflops_16px", "forward_ms_bs1_16px", "forward_ms_bs2_16px", "train_step_ms",
+        "train_peak_mib", "forward_peak_mib", "sampling_images_per_s",
+    ]
+    ratios = report.ratios()
+    for name in builders:
+        assert list(report.values[name]) == keys
+        assert all(math.isfinite(v) and v > 0 for v in report.values[name].values())
+        assert len(report.timings_s[name]["train_step_ms"]) == 3
+        assert len(report.timings_s[name]["sampling_s"]) == 2
+    assert all(ratio == 1.0 for ratio in ratios["tiny-unet2d"].values())
+    emov2 = make_tiny_unet(sample_size=16)
+    assert report.values["tiny-emov2"]["parameters"] == emov2.num_parameters()
+    assert report.values["tiny-emov2"]["gflops_16px"] == pytest.approx(count_gflops(emov2, 16, 3))
+    assert ratios["tiny-emov2"]["parameters"] == pytest.approx(emov2.num_parameters() / tiny_unet2d(16).num_parameters())
+    median_ms = 1e3 * sorted(report.timings_s["tiny-emov2"]["forward_ms_bs2_16px"])[1]
+    assert report.values["tiny-emov2"]["forward_ms_bs2_16px"] == pytest.approx(median_ms)
+
+    json_path, md_path = report.save(tmp_path / "out")
+    saved = json.loads(json_path.read_text())
+    assert saved["baseline"] == "tiny-unet2d"
+    assert saved["environment"]["torch_threads"] == 1
+    assert [m["name"] for m in saved["models"]] == ["tiny-unet2d", "tiny-emov2"]
+    assert saved["models"][1]["class"] == "EMOv2UNet2DModel"
+    assert saved["models"][1]["ratios"] == pytest.approx(ratios["tiny-emov2"])
+    table = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(builders)
+    assert table[0].count("|") == len(keys) + 2
+    assert table[2].startswith("| tiny-unet2d |") and table[2].count("(1.00x)") == len(keys)
+
+
+def test_unknown_baseline_and_bad_settings_raise():
+    with pytest.raises(ValueError, match="baseline"):
+        run_benchmark({"a": tiny_unet2d}, baseline="b", settings=BenchmarkSettings(resolutions=(16,), train_resolution=16))
+    with pytest.raises(ValueError, match="dtype"):
+        BenchmarkSettings(dtype="fp8")
+    with pytest.raises(ValueError, match="train_resolution"):
+        BenchmarkSettings(resolutions=(64,))
+
+
+def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys, one_thread):
+    load_script("benchmark").main(["--models", "emov2-1m", "--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [m["name"] for m in saved["models"]] == ["unet2d-5m", "emov2-1m"]
+    assert saved["settings"]["repeats"] == 2 and saved["settings"]["resolutions"] == [32]
+    assert (tmp_path / "benchmark.md").read_text() in printed
+
+
+def test_model_table_cli(tmp_path, capsys, one_thread):
+    out = tmp_path / "table.json"
+    load_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = {row["name"]: row for row in json.loads(out.read_text())["models"]}
+    assert list(rows) == ["emov2-1m", "unet2d-5m"]
+    torch.manual_seed(0)
+    emov2 = build_denoiser("emov2-1m", sample_size=16)
+    assert rows["emov2-1m"]["parameters"] == emov2.num_parameters()
+    assert rows["emov2-1m"]["gflops_per_image"] == pytest.approx(count_gflops(emov2, 16, 3))
+    assert rows["unet2d-5m"]["parameters_ratio"] == 1.0 and rows["unet2d-5m"]["gflops_ratio"] == 1.0
+    assert "| emov2-1m | EMOv2UNet2DModel | (24, 32, 48, 64) |" in printed
