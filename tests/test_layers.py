@@ -1,0 +1,298 @@
+"""SEW-MHSA and i2RMB against their definitions (architecture brief §1, §5.1, §5.3, §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, LayerNorm2d, make_act, make_norm
+
+
+def value_projection(dim: int, mid: int) -> nn.Module:
+    """An i2RMB-style value projection (1x1 conv with bias + GELU), so padded zero tokens get non-zero values."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(dim, mid, 1), nn.GELU())
+
+
+def attention_and_values(dim=16, mid=48, head_dim=8, window_size=4, **kwargs):
+    torch.manual_seed(0)
+    attn = SEWMHSA(dim, head_dim=head_dim, window_size=window_size, **kwargs)
+    return attn, value_projection(dim, mid)
+
+
+# ----------------------------------------------------------------------------------------------
+# SEW-MHSA
+
+
+@pytest.mark.parametrize("size", [(12, 12), (10, 14)])
+def test_hybrid_is_sum_of_local_and_dilated_with_shared_weights(size):
+    hybrid, to_value = attention_and_values()
+    local, _ = attention_and_values(partitions=("local",))
+    dilated, _ = attention_and_values(partitions=("dilated",))
+    local.load_state_dict(hybrid.state_dict())
+    dilated.load_state_dict(hybrid.state_dict())
+    x = torch.randn(2, 16, *size)
+    with torch.no_grad():
+        out_local, out_dilated = local(x, to_value), dilated(x, to_value)
+        torch.testing.assert_close(hybrid(x, to_value), out_local + out_dilated)
+    # The two partitions must really be different token sets on these maps.
+    assert (out_local - out_dilated).abs().max() > 1e-2
+
+
+def test_map_side_equal_to_window_doubles_one_attention():
+    hybrid, to_value = attention_and_values(window_size=7)
+    x = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        out = hybrid(x, to_value)
+        for partition in ("local", "dilated"):
+            single, _ = attention_and_values(window_size=7, partitions=(partition,))
+            single.load_state_dict(hybrid.state_dict())
+            torch.testing.assert_close(out, 2 * single(x, to_value))
+        whole_map, _ = attention_and_values(window_size=0, partitions=("local",))
+        whole_map.load_state_dict(hybrid.state_dict())
+        torch.testing.assert_close(out, 2 * whole_map(x, to_value))
+
+
+def test_padding_returns_the_input_size():
+    attn, to_value = attention_and_values(window_size=4)
+    with torch.no_grad():
+        out = attn(torch.randn(2, 16, 10, 10), to_value)  # padded to 12x12 inside, cropped back
+    assert out.shape == (2, 48, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "size, window_size, kwargs",
+    [
+        ((8, 8), 4, {}),  # square, no padding (2x2 tiles, stride-2 grids)
+        ((12, 12), 4, {}),  # square, stride 3 != w
+        ((10, 10), 4, {}),  # padded to 12x12
+        ((6, 9), 3, {}),  # non-square, no padding
+        ((5, 11), 4, {}),  # non-square, padded to 8x12
+        ((7, 5), 0, {}),  # w <= 0: one window over the whole map
+        ((6, 6), -1, {}),
+        ((10, 6), 4, {"partitions": ("dilated",)}),  # EMOv1's single dilated window
+        ((9, 9), 4, {"qkv_bias": False}),
+    ],
+)
+def test_matches_naive_per_token_reference(size, window_size, kwargs, sew_mhsa_reference):
+    attn, to_value = attention_and_values(window_size=window_size, **kwargs)
+    x = torch.randn(2, 16, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, to_value), sew_mhsa_reference(attn, x, to_value), rtol=1e-4, atol=1e-5)
+
+
+def test_invalid_partitions_raise():
+    with pytest.raises(ValueError, match="partitions"):
+        SEWMHSA(16, partitions=("global",))
+    with pytest.raises(ValueError, match="partitions"):
+        SEWMHSA(16, partitions=())
+
+
+# ----------------------------------------------------------------------------------------------
+# i2RMB parameter counts (brief §1.4 formulas, §5.1 table of the official modules)
+
+
+def sew_block_formula(c: int, e: float, k: int = 5) -> float:
+    return (2 + 2 * e) * c**2 + (5 + 3 * e + e * k**2) * c
+
+
+def conv_block_formula(c: int, e: float, k: int = 5) -> float:
+    return 2 * e * c**2 + (3 + 3 * e + e * k**2) * c
+
+
+def down_block_formula(c_in: int, c_out: int, e: float, k: int = 5) -> int:
+    m = int(2 * e * c_in)
+    return 2 * c_in + c_in * m + m + m * k**2 + 2 * m + m * c_out + c_out
+
+
+def count(*parts) -> int:
+    """Parameters of the given modules / parameter tensors (None counts 0)."""
+    params = [p for part in parts if part is not None for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
+    return sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize(
+    "channels, expansion, variant, expected, breakdown",
+    [
+        (64, 4, "sew", 48_448, (128, 24_960, 6_912, 16_384, 64)),
+        (64, 4, "conv", 40_128, (128, 16_640, 6_912, 16_384, 64)),
+        (80, 3, "sew", 58_320, (160, 32_400, 6_480, 19_200, 80)),
+        (80, 3, "conv", 45_360, None),
+        (128, 2, "sew", 106_112, (256, 66_048, 6_912, 32_768, 128)),
+        (128, 2, "conv", 73_088, None),
+        (160, 4, "sew", 274_720, (320, 154_560, 17_280, 102_400, 160)),
+        (160, 4, "conv", 223_200, None),
+        (180, 3.5, "sew", 310_140, (360, 179_190, 17_010, 113_400, 180)),
+        (288, 4, "sew", 863_136, (576, 499_392, 31_104, 331_776, 288)),
+        (288, 4, "conv", 696_672, None),
+        (320, 4, "sew", 1_061_440, None),
+        (384, 4, "sew", 1_519_488, (768, 887_040, 41_472, 589_824, 384)),
+        (384, 4, "conv", 1_223_808, None),
+    ],
+)
+def test_block_parameters_match_official_table_and_formula(channels, expansion, variant, expected, breakdown):
+    sew = variant == "sew"
+    head_dim = 20 if channels in (80, 180) else 32  # the official d_h of those widths (EMOv2-1M)
+    block = I2RMB(
+        channels, expansion=expansion, attention=sew, head_dim=head_dim,
+        norm="ln" if sew else "bn", act="gelu" if sew else "silu",
+    )
+    formula = sew_block_formula if sew else conv_block_formula
+    assert formula(channels, expansion) == expected
+    assert count(block) == expected
+    if breakdown is not None:
+        parts = ((block.norm,), (block.expand, block.attn), (block.dw,), (block.proj,), (block.layer_scale,))
+        assert tuple(count(*part) for part in parts) == breakdown
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, expansion, mid, expected",
+    [(24, 48, 2, 96, 9_696), (48, 72, 3, 288, 42_792), (72, 160, 4, 576, 150_064), (160, 288, 4, 1280, 609_888)],
+)
+def test_down_block_parameters_match_emov2_5m(c_in, c_out, expansion, mid, expected):
+    block = I2RMB(c_in, c_out, expansion=2 * expansion, stride=2)
+    assert block.mid_channels == mid
+    assert down_block_formula(c_in, c_out, expansion) == expected
+    assert count(block) == expected
+
+
+def test_attention_adds_only_the_qk_projection():
+    c, e = 96, 3
+    sew = I2RMB(c, expansion=e, attention=True, head_dim=32)
+    conv = I2RMB(c, expansion=e)
+    assert count(sew) - count(conv) == 2 * c**2 + 2 * c == count(sew.attn)
+
+
+# ----------------------------------------------------------------------------------------------
+# i2RMB structure: residual rules, errors, stochastic depth
+
+
+def randomise(block: nn.Module) -> nn.Module:
+    """Non-trivial layer scale and norm statistics, so every operation shows in the output."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, tensor in block.state_dict().items():
+            if name.endswith(("layer_scale", "running_var")):
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            elif name.endswith("running_mean"):
+                tensor.normal_(0, 0.1)
+    return block.eval()
+
+
+@pytest.mark.parametrize(
+    "in_ch, out_ch, kwargs, outer_residual",
+    [
+        (16, 16, {}, True),
+        (16, 16, {"attention": True, "head_dim": 8, "window_size": 4}, True),
+        (16, 24, {}, False),  # widths differ and no shortcut conv: no residual
+        (16, 24, {"conv_shortcut": True}, True),
+        (16, 24, {"stride": 2}, False),
+        (16, 16, {"residual": False}, False),
+    ],
+)
+def test_forward_follows_block_definition(in_ch, out_ch, kwargs, outer_residual):
+    block = randomise(I2RMB(in_ch, out_ch, expansion=2, **kwargs))
+    assert block.residual is outer_residual
+    x = torch.randn(2, in_ch, 8, 8)
+    with torch.no_grad():
+        y = block.norm(x)
+        z = block.attn(y, block.expand) if block.attn is not None else block.expand(y)
+        # The inner residual around the depth-wise conv exists exactly when the outer one does.
+        z = z + block.dw(z) if outer_residual else block.dw(z)
+        branch = block.layer_scale.view(1, -1, 1, 1) * block.proj(z)
+        expected = block.shortcut(x) + branch if outer_residual else branch
+        out = block(x)
+    stride = kwargs.get("stride", 1)
+    assert out.shape == (2, out_ch, 8 // stride, 8 // stride)
+    torch.testing.assert_close(out, expected)
+
+
+def test_official_down_block_keeps_layer_scale_and_shrinks_the_signal():
+    block = I2RMB(16, 32, expansion=4, stride=2).eval()  # layer scale 1e-6, as officially
+    with torch.no_grad():
+        out = block(torch.randn(2, 16, 8, 8))
+    assert 0 < out.std() < 1e-5
+
+
+def test_invalid_block_configurations_raise():
+    with pytest.raises(ValueError, match="attention needs stride 1"):
+        I2RMB(16, 32, stride=2, attention=True)
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        I2RMB(16, stride=3)
+    with pytest.raises(ValueError, match="no residual"):
+        I2RMB(16, 16, stride=2, residual=True)
+    with pytest.raises(ValueError, match="conv_shortcut"):
+        I2RMB(16, 24, residual=True)
+    with pytest.raises(ValueError, match="split evenly"):
+        I2RMB(16, expansion=2.5, attention=True, head_dim=4, num_heads=3)
+
+
+def layer_norm_block(**kwargs) -> I2RMB:
+    """A block without BatchNorm (its batch statistics would differ between train and eval)."""
+    torch.manual_seed(0)
+    return I2RMB(16, expansion=2, norm="ln", dw_norm="ln", layer_scale_init=1.0, **kwargs)
+
+
+def test_drop_path_is_active_only_in_train_mode():
+    block = layer_norm_block(drop_path=0.5)
+    x = torch.randn(64, 16, 4, 4)
+    with torch.no_grad():
+        block.eval()
+        eval_out = block(x)
+        torch.testing.assert_close(block(x), eval_out)
+        branch = eval_out - x
+        block.train()
+        train_out = block(x)
+    dropped = (train_out == x).flatten(1).all(dim=1)
+    assert 0 < dropped.sum() < len(x)  # p=0.5 over 64 rows: some dropped, some kept
+    # Kept rows carry the branch rescaled by 1 / (1 - p).
+    torch.testing.assert_close(train_out[~dropped], x[~dropped] + 2 * branch[~dropped])
+    assert (eval_out - x).abs().flatten(1).amax(dim=1).min() > 0  # eval drops nothing
+
+
+def test_drop_path_is_not_applied_without_residual():
+    block = layer_norm_block(drop_path=0.5, residual=False)
+    x = torch.randn(64, 16, 4, 4)
+    with torch.no_grad():
+        train_out = block.train()(x)
+        torch.testing.assert_close(train_out, block.eval()(x))
+
+
+def test_conditioned_block_needs_temb_and_starts_as_its_shortcut():
+    block = I2RMB(16, 24, expansion=2, conv_shortcut=True, temb_channels=32).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with pytest.raises(ValueError, match="temb"):
+        block(x)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, torch.randn(2, 32)), block.shortcut(x))
+
+
+def test_adaln_modulation_is_zero_initialised_with_block_shapes():
+    modulation = AdaLNModulation(32, in_channels=16, out_channels=24)
+    shift, scale, gate = modulation(torch.randn(3, 32))
+    assert (shift.shape, scale.shape, gate.shape) == ((3, 16, 1, 1), (3, 16, 1, 1), (3, 24, 1, 1))
+    assert all(torch.count_nonzero(t) == 0 for t in (shift, scale, gate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm / activation factories
+
+
+def test_layer_norm_2d_normalises_each_pixel_over_channels():
+    norm = LayerNorm2d(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        x = torch.randn(2, 8, 5, 3) * 3 + 1
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+        expected = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(norm(x), expected)
+
+
+def test_unknown_norm_or_activation_raises():
+    with pytest.raises(ValueError, match="Unknown norm 'batch'"):
+        make_norm("batch", 8)
+    with pytest.raises(ValueError, match="Unknown activation 'tanh'"):
+        make_act("tanh")
