@@ -1,0 +1,279 @@
+"""EMOv2UNet2DModel: the diffusers `UNet2DModel` contract, EMOv2 presets and adaLN conditioning."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from diffusers import UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from emov2_gen import EMOv2UNet2DModel
+from emov2_gen.layers import I2RMB, AdaLNModulation, SEWMHSA
+
+# UNet2DModel constructor keys that configure its ResNet/GroupNorm/attention blocks and have no
+# counterpart in an i2RMB UNet (LayerNorms, stride-2 i2RMB downsampling, SEW-MHSA levels by block type).
+NOT_APPLICABLE_UNET2D_KEYS = {
+    "act_fn", "add_attention", "attn_norm_num_groups", "downsample_padding", "downsample_type",
+    "mid_block_scale_factor", "norm_num_groups", "resnet_time_scale_shift", "upsample_type",
+}
+
+
+def activate_conditioning(model: EMOv2UNet2DModel, seed: int = 0) -> EMOv2UNet2DModel:
+    """Give every adaLN projection random weights (they start at zero), so conditioning reaches the output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdaLNModulation):
+                module.linear.weight.normal_(0, 0.1)
+                module.linear.bias.normal_(0, 0.1)
+    return model
+
+
+def conditioned_blocks(model: EMOv2UNet2DModel) -> list[I2RMB]:
+    return [m for m in model.modules() if isinstance(m, I2RMB) and m.modulation is not None]
+
+
+@pytest.fixture
+def model(make_tiny_unet) -> EMOv2UNet2DModel:
+    return activate_conditioning(make_tiny_unet())
+
+
+@pytest.fixture
+def sample() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def predict(model, sample, timestep=10, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(sample, timestep, **kwargs).sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward contract
+
+
+def test_timestep_as_int_float_0d_and_batch_tensor(model, sample):
+    expected = predict(model, sample, 10)
+    for timestep in (10.0, torch.tensor(10), torch.tensor([10, 10]), torch.tensor(10.0)):
+        torch.testing.assert_close(predict(model, sample, timestep), expected)
+    per_sample = predict(model, sample, torch.tensor([10, 500]))
+    torch.testing.assert_close(per_sample[:1], expected[:1])
+    torch.testing.assert_close(per_sample[1:], predict(model, sample[1:], 500))
+    assert (per_sample[1:] - expected[1:]).abs().max() > 1e-3  # the timestep matters
+
+
+def test_output_dataclass_and_tuple(model, sample):
+    with torch.no_grad():
+        output = model(sample, 3)
+        as_tuple = model(sample, 3, return_dict=False)
+    assert isinstance(output, UNet2DOutput)
+    assert [f.name for f in dataclasses.fields(output)] == ["sample"]
+    assert output.sample.shape == sample.shape
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(as_tuple[0], output.sample)
+
+
+def test_out_channels_can_differ_from_in_channels(make_tiny_unet):
+    model = make_tiny_unet(in_channels=1, out_channels=2)
+    assert predict(model, torch.randn(2, 1, 16, 16)).shape == (2, 2, 16, 16)
+
+
+def test_samples_in_a_batch_are_processed_independently(model, sample):
+    batched = predict(model, sample)
+    torch.testing.assert_close(batched[1:], predict(model, sample[1:]))
+
+
+@pytest.mark.parametrize("size", [(32, 16), (24, 40), (8, 8)])
+def test_non_square_and_other_sizes_work(model, size):
+    sample = torch.randn(1, 3, *size)
+    out = predict(model, sample)
+    assert out.shape == sample.shape
+    assert torch.isfinite(out).all()
+
+
+def test_config_has_the_applicable_unet2dmodel_keys(model):
+    unet2d_keys = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    missing = unet2d_keys - NOT_APPLICABLE_UNET2D_KEYS - set(model.config)
+    assert not missing, f"UNet2DModel config keys missing from EMOv2UNet2DModel: {sorted(missing)}"
+    assert model.config.sample_size == 16 and model.config.in_channels == 3  # what DDPM/DDIM pipelines read
+
+
+def test_center_input_sample_maps_zero_one_input_to_minus_one_one(make_tiny_unet, sample):
+    centred = activate_conditioning(make_tiny_unet(center_input_sample=True))
+    plain = activate_conditioning(make_tiny_unet())
+    torch.testing.assert_close(predict(centred, sample), predict(plain, 2 * sample - 1))
+
+
+@pytest.mark.parametrize("kwargs", [{"time_embedding_type": "fourier"}, {"time_embedding_type": "learned", "num_train_timesteps": 100}])
+def test_other_time_embeddings_run(make_tiny_unet, sample, kwargs):
+    out = predict(make_tiny_unet(**kwargs), sample, torch.tensor([3, 7]))
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
+def test_learned_time_embedding_needs_num_train_timesteps(make_tiny_unet):
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        make_tiny_unet(time_embedding_type="learned")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((2, 1, 16, 16), r"Expected 3 input channels, got 1"),
+        ((3, 16, 16), r"Expected a 4-D sample \(B, 3, H, W\)"),
+        ((2, 3, 1, 16, 16), r"Expected a 4-D sample"),
+        ((2, 3, 20, 16), r"H and W must be multiples of 8 for this model, got \(20, 16\)"),
+        ((2, 3, 16, 12), r"multiples of 8"),
+    ],
+)
+def test_bad_samples_raise_with_what_is_expected(model, shape, message):
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+@pytest.mark.parametrize("preset, target", [("emov2-1m", 1e6), ("emov2-2m", 2e6), ("emov2-5m", 5e6), ("emov2-20m", 20e6)])
+def test_presets_have_their_nominal_size(preset, target):
+    params = EMOv2UNet2DModel.from_preset(preset, in_channels=3, out_channels=3).num_parameters()
+    assert abs(params - target) <= 0.1 * target, f"{preset}: {params:,} parameters"
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'emov2-3m'.*emov2-1m, emov2-2m, emov2-5m, emov2-20m"):
+        EMOv2UNet2DModel.from_preset("emov2-3m")
+
+
+def test_preset_attention_windows_need_no_padding_at_32px():
+    torch.manual_seed(0)
+    model = EMOv2UNet2DModel.from_preset("emov2-1m").eval()
+    seen = []
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: seen.append((mod.window_size, tuple(args[0].shape[-2:]))))
+        for m in model.modules()
+        if isinstance(m, SEWMHSA)
+    ]
+    predict(model, torch.randn(1, 3, 32, 32))
+    for handle in handles:
+        handle.remove()
+    assert {size for _, size in seen} == {(16, 16), (8, 8), (4, 4)}  # attention below the full-resolution level
+    assert all(h % w == 0 and wd % w == 0 for w, (h, wd) in seen), seen
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning
+
+
+def test_adaln_gate_is_zero_initialised_so_blocks_start_as_their_shortcut(make_tiny_unet, sample):
+    model = make_tiny_unet()
+    blocks = conditioned_blocks(model)
+    assert len(blocks) == 4 * 1 + 2 + 4 * 2  # encoder layers, mid block, decoder layers (+1 each)
+    records = []
+    handles = [b.register_forward_hook(lambda mod, args, out: records.append((mod, args[0], out))) for b in blocks]
+    predict(model, sample)
+    for handle in handles:
+        handle.remove()
+    assert len(records) == len(blocks)
+    for block, hidden, out in records:
+        torch.testing.assert_close(out, block.shortcut(hidden), rtol=0, atol=0)
+    # Hence, at init, the timestep has no effect at all.
+    torch.testing.assert_close(predict(model, sample, 999), predict(model, sample, 0))
+
+
+def test_class_conditioning(make_tiny_unet, sample):
+    model = activate_conditioning(make_tiny_unet(num_class_embeds=10))
+    out_a = predict(model, sample, class_labels=torch.tensor([1, 2]))
+    out_b = predict(model, sample, class_labels=torch.tensor([3, 2]))
+    assert (out_a[0] - out_b[0]).abs().max() > 1e-3
+    torch.testing.assert_close(out_a[1], out_b[1])
+    with pytest.raises(ValueError, match="class_labels should be provided"):
+        model(sample, 1)
+
+
+def test_class_labels_without_class_embedding_raise(model, sample):
+    with pytest.raises(ValueError, match="no class embedding"):
+        model(sample, 1, class_labels=torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training features
+
+
+def gradients(model, sample) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(sample, torch.tensor([5, 700])).sample.pow(2).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_routes_through_checkpoint_and_keeps_gradients(model, sample, monkeypatch):
+    model.train()
+    expected = gradients(model, sample)
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(args[0])
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    got = gradients(model, sample)
+    assert len(calls) == len(conditioned_blocks(model))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    calls.clear()
+    predict(model, sample)  # no graph, nothing to checkpoint
+    model.disable_gradient_checkpointing()
+    gradients(model, sample)
+    assert not calls
+
+
+def test_bfloat16_forward_is_close_to_float32(model, sample):
+    expected = predict(model, sample)
+    out = predict(model.to(torch.bfloat16), sample.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_save_and_load_pretrained_roundtrip(model, sample, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "config.json").is_file()
+    loaded = EMOv2UNet2DModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is EMOv2UNet2DModel
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert {k: v for k, v in json.loads(loaded.to_json_string()).items() if k != "_name_or_path"} == saved_config
+    assert saved_config["block_out_channels"] == list(model.config.block_out_channels)
+    torch.testing.assert_close(predict(loaded, sample), predict(model, sample), rtol=0, atol=0)
+
+
+def test_drop_path_is_stochastic_in_train_mode_only(make_tiny_unet, sample):
+    model = activate_conditioning(make_tiny_unet(drop_path_rate=0.5))
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(sample, 10).sample
+        torch.manual_seed(2)
+        second = model(sample, 10).sample
+    assert (first - second).abs().max() > 1e-4
+    model.eval()
+    torch.testing.assert_close(predict(model, sample), predict(model, sample), rtol=0, atol=0)
+
+    control = activate_conditioning(make_tiny_unet(drop_path_rate=0.0)).train()  # same model without drop path
+    with torch.no_grad():
+        torch.testing.assert_close(control(sample, 10).sample, control(sample, 10).sample, rtol=0, atol=0)
