@@ -1,1 +1,5 @@
-"""Pipelines."""
+"""emov2-gen's diffusers pipelines (installed as `emov2_gen.pipelines`)."""
+
+from .pipeline_emov2_image import EMOv2ImagePipeline
+
+__all__ = ["EMOv2ImagePipeline"]
