@@ -1,0 +1,234 @@
+"""FID/KID/precision/recall of saved diffusion models against a reference dataset, all through one code path.
+
+For each model folder: load the denoiser, draw N seeded samples with the requested sampler (the same noise for
+every model), count its parameters and FLOPs, and score the samples with torch-fidelity against N reference images
+at the model's resolution. Reference Inception features are cached by torch-fidelity under `cache_dir`, named from
+the reference key (source, split, N, resolution, colour mode) and the Inception weights' hash, so later runs and
+other models at the same resolution reuse them.
+
+Precision/recall are computed in the same Inception pool3 feature space (k=3 neighbourhoods), not with the VGG16
+features of Kynkäänniemi et al. The Inception Score is not computed: the offline weights have no logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+
+from .flops import count_gflops
+from .inception import InceptionWeights, resolve_inception_weights
+from .inception_inputs import ImageTensorDataset
+from .reference import ReferenceImages, ReferenceSet
+from .sampling import generate_images, load_pipeline, sample_resolution
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+KID_MAX_SUBSET_SIZE = 1000
+PRC_NEIGHBORHOOD = 3
+MIN_SAMPLES = PRC_NEIGHBORHOOD + 1
+GRID_SAMPLES = 64
+
+
+@dataclass
+class FIDSettings:
+    """What every model is evaluated with."""
+
+    reference: str
+    cache_dir: Path
+    num_samples: int = 1000
+    num_inference_steps: int = 50
+    scheduler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 64
+    split: str = "train"
+    class_conditional: bool = False
+    device: str = "cpu"
+    inception_weights: Optional[str] = None
+    verbose: bool = True
+
+
+@dataclass
+class ModelScore:
+    """One model's row of the report."""
+
+    name: str
+    path: str
+    model_class: str
+    parameters: int
+    gflops_per_forward: float
+    gflops_per_sample: float
+    resolution: list[int]
+    in_channels: int
+    class_conditional: bool
+    sampler: str
+    num_inference_steps: int
+    num_samples: int
+    num_reference: int
+    seed: int
+    device: str
+    seconds_per_image: float
+    fid: float
+    kid_mean: float
+    kid_std: float
+    kid_subset_size: int
+    precision: float
+    recall: float
+    inception_weights: str
+    reference_key: str
+    reference_cache_name: str
+
+
+@dataclass
+class FIDEvaluation:
+    """Scores of all models, plus each model's first `GRID_SAMPLES` samples (uint8 (N, C, H, W)) for grids."""
+
+    settings: FIDSettings
+    weights: InceptionWeights
+    reference_description: str
+    scores: list[ModelScore]
+    samples: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def kid_subset_size(num_generated: int, num_reference: int) -> int:
+    """torch-fidelity's default KID subset size (1000), shrunk to what both inputs have."""
+    return min(KID_MAX_SUBSET_SIZE, num_generated, num_reference)
+
+
+def reference_cache_name(reference_key: str, weights: InceptionWeights) -> str:
+    """A file-name-safe torch-fidelity cache name, unique per reference key and Inception weights."""
+    digest = hashlib.sha256(f"{reference_key}|{weights.sha256}".encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", reference_key.split("|")[0].rstrip("/").rsplit("/", 1)[-1]).strip("-")
+    return f"reference-{readable}-{digest}"
+
+
+def fidelity_metrics(
+    generated: Dataset,
+    reference: ReferenceImages,
+    weights: InceptionWeights,
+    cache_dir: Path,
+    device: str = "cpu",
+    batch_size: int = 64,
+    verbose: bool = True,
+) -> dict[str, float]:
+    """FID, KID and precision/recall of `generated` against `reference` with torch-fidelity.
+
+    The reference's features are cached under `cache_dir` (see `reference_cache_name`); the generated ones are not.
+    """
+    for name, images in (("generated", generated), ("reference", reference)):
+        if len(images) < MIN_SAMPLES:
+            raise ValueError(f"FID/KID/precision need at least {MIN_SAMPLES} {name} images, got {len(images)}.")
+    subset_size = kid_subset_size(len(generated), len(reference))
+    metrics = torch_fidelity.calculate_metrics(
+        input1=generated,
+        input2=reference,
+        input2_cache_name=reference_cache_name(reference.key, weights),
+        cache=True,
+        cache_root=str(cache_dir),
+        cuda=torch.device(device).type == "cuda",
+        batch_size=batch_size,
+        fid=True,
+        kid=True,
+        prc=True,
+        feature_extractor=FEATURE_EXTRACTOR,
+        feature_extractor_weights_path=str(weights.path),
+        kid_subset_size=subset_size,
+        prc_neighborhood=PRC_NEIGHBORHOOD,
+        save_cpu_ram=True,  # no DataLoader worker processes: the images are already in memory or cheap to decode
+        verbose=verbose,
+    )
+    return {
+        "fid": metrics[torch_fidelity.KEY_METRIC_FID],
+        "kid_mean": metrics[torch_fidelity.KEY_METRIC_KID_MEAN],
+        "kid_std": metrics[torch_fidelity.KEY_METRIC_KID_STD],
+        "kid_subset_size": subset_size,
+        "precision": metrics[torch_fidelity.KEY_METRIC_PRECISION],
+        "recall": metrics[torch_fidelity.KEY_METRIC_RECALL],
+    }
+
+
+def _model_names(model_dirs: list[str]) -> list[str]:
+    """Folder names, numbered where two models share one."""
+    names = [Path(d).resolve().name for d in model_dirs]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def evaluate_model(
+    model_dir: str, name: str, settings: FIDSettings, reference: ReferenceSet, weights: InceptionWeights
+) -> tuple[ModelScore, torch.Tensor]:
+    """Sample one model and score it; returns its report row and its samples."""
+    pipeline = load_pipeline(model_dir, settings.scheduler)
+    unet = pipeline.unet.to(settings.device)
+    resolution = sample_resolution(unet)
+    reference_images = reference.images(resolution, unet.config.in_channels)
+    gflops = count_gflops(unet, resolution, unet.config.in_channels)  # also warms up the model before timing
+
+    start = time.perf_counter()
+    samples = generate_images(
+        pipeline,
+        num_samples=settings.num_samples,
+        num_inference_steps=settings.num_inference_steps,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        class_conditional=settings.class_conditional,
+        description=f"sampling {name}",
+    )
+    seconds_per_image = (time.perf_counter() - start) / settings.num_samples
+    metrics = fidelity_metrics(
+        ImageTensorDataset(samples),
+        reference_images,
+        weights,
+        settings.cache_dir,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        verbose=settings.verbose,
+    )
+    score = ModelScore(
+        name=name,
+        path=str(Path(model_dir).resolve()),
+        model_class=f"{type(unet).__module__}.{type(unet).__name__}",
+        parameters=unet.num_parameters(),
+        gflops_per_forward=gflops,
+        gflops_per_sample=gflops * settings.num_inference_steps,
+        resolution=list(resolution),
+        in_channels=unet.config.in_channels,
+        class_conditional=settings.class_conditional,
+        sampler=type(pipeline.scheduler).__name__,
+        num_inference_steps=settings.num_inference_steps,
+        num_samples=settings.num_samples,
+        num_reference=len(reference_images),
+        seed=settings.seed,
+        device=str(settings.device),
+        seconds_per_image=seconds_per_image,
+        inception_weights=weights.description,
+        reference_key=reference_images.key,
+        reference_cache_name=reference_cache_name(reference_images.key, weights),
+        **metrics,
+    )
+    return score, samples
+
+
+def evaluate_models(model_dirs: list[str], settings: FIDSettings) -> FIDEvaluation:
+    """Evaluate every model folder with the same settings, reference subset and Inception weights."""
+    if not model_dirs:
+        raise ValueError("Give at least one model directory.")
+    missing = [d for d in model_dirs if not Path(d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"Model directories not found: {', '.join(missing)}.")
+    if settings.num_samples < MIN_SAMPLES:
+        raise ValueError(f"num_samples must be at least {MIN_SAMPLES}, got {settings.num_samples}.")
+    reference = ReferenceSet(settings.reference, split=settings.split, num_images=settings.num_samples)
+    weights = resolve_inception_weights(settings.inception_weights)
+    evaluation = FIDEvaluation(settings, weights, reference.description, scores=[])
+    for model_dir, name in zip(model_dirs, _model_names(model_dirs)):
+        score, samples = evaluate_model(model_dir, name, settings, reference, weights)
+        evaluation.scores.append(score)
+        evaluation.samples[name] = samples[:GRID_SAMPLES]
+    return evaluation

