@@ -155,6 +155,12 @@ def test_preset_parameter_counts_match_official(preset, expected):
     assert EMOv2Backbone.from_preset(preset).num_parameters() == expected
 
 
+def test_every_norm_uses_the_official_epsilon():
+    # eps 1e-5 instead of 1e-6 moves the golden outputs by only ~4e-5, under the reference tolerance.
+    norms = [m for m in EMOv2Backbone.from_preset("emov2-1m").modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))]
+    assert norms and {m.eps for m in norms} == {1e-6}
+
+
 def test_stage_outputs_at_init_are_tiny_because_down_blocks_keep_layer_scale():
     torch.manual_seed(0)
     model = EMOv2Backbone.from_preset("emov2-5m").eval()
