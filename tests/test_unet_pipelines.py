@@ -17,11 +17,14 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
+
+from emov2_gen import EMOv2UNet2DModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,6 +130,18 @@ def test_saved_pipeline_loads_with_diffusion_pipeline_after_importing_the_packag
     assert "DDPMPipeline emov2_gen.models.unet_2d EMOv2UNet2DModel" in result.stdout
     # Same weights, same scheduler, same seed: the same images as the pipeline that was saved.
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected_images, atol=1e-5)
+
+
+def test_pipeline_index_naming_the_top_level_package_loads(saved_pipeline):
+    """A model_index entry ["emov2_gen", "EMOv2UNet2DModel"] resolves through the package's ModelMixin re-export."""
+    folder, expected_images = saved_pipeline
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["unet"] = ["emov2_gen", "EMOv2UNet2DModel"]
+    index_file.write_text(json.dumps(index))
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipeline, DDPMPipeline) and isinstance(pipeline.unet, EMOv2UNet2DModel)
+    np.testing.assert_array_equal(run_pipeline(pipeline, seed=0), expected_images)
 
 
 def test_saved_pipeline_does_not_load_without_importing_the_package(saved_pipeline, tmp_path):
