@@ -28,7 +28,7 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_unet() -> Callable[..., EMOv2UNet2DModel]:
     """`make_tiny_unet(**overrides)` -> a seeded, tiny `emov2-1m` UNet in eval mode."""
 
@@ -40,12 +40,13 @@ def make_tiny_unet() -> Callable[..., EMOv2UNet2DModel]:
 
 
 def naive_sew_mhsa(module: SEWMHSA, x: torch.Tensor, to_value: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """SEW-MHSA computed token by token from its definition (architecture brief §1.2), for cross-checking.
+    """SEW-MHSA computed from its definition (architecture brief §1.2), for cross-checking the module.
 
     The map is zero-padded on the right/bottom to a multiple of the window BEFORE the q/k and value
     projections (so padded tokens carry the projection biases). Each output token attends, per head and
     per partition, with softmax(q k^T / sqrt(d)) v, to the keys of its own w x w tile ("local") and of
-    its stride-n grid spanning the padded map ("dilated"); the partition outputs are summed.
+    its stride-n grid spanning the padded map ("dilated"); the partition outputs are summed. The key set
+    of every token is listed by a plain loop over tokens; the attention itself is then one batched gather.
     """
     b, c, h, w = x.shape
     wh = module.window_size if module.window_size > 0 else h
@@ -58,23 +59,22 @@ def naive_sew_mhsa(module: SEWMHSA, x: torch.Tensor, to_value: Callable[[torch.T
     if module.qk.bias is not None:
         qk = qk + module.qk.bias.view(1, -1, 1, 1)
     heads = module.num_heads
-    q, k = (t.reshape(b, heads, -1, hp, wp) for t in qk.chunk(2, dim=1))
-    v = to_value(padded).reshape(b, heads, -1, hp, wp)
-    scale = 1.0 / math.sqrt(q.shape[2])
+    q, k = (t.reshape(b, heads, -1, hp * wp) for t in qk.chunk(2, dim=1))
+    v = to_value(padded).reshape(b, heads, -1, hp * wp)
 
-    out = x.new_zeros(b, heads, v.shape[2], h, w)
-    for r in range(h):
-        for col in range(w):
-            for partition in module.partitions:
-                if partition == "local":
-                    rows = torch.arange(r // wh * wh, r // wh * wh + wh)
-                    cols = torch.arange(col // ww * ww, col // ww * ww + ww)
-                else:
-                    rows, cols = torch.arange(r % n1, hp, n1), torch.arange(col % n2, wp, n2)
-                keys = k[:, :, :, rows][:, :, :, :, cols].flatten(3)  # (B, heads, d, wh*ww)
-                values = v[:, :, :, rows][:, :, :, :, cols].flatten(3)
-                weights = (torch.einsum("bnd,bndk->bnk", q[:, :, :, r, col], keys) * scale).softmax(dim=-1)
-                out[:, :, :, r, col] += torch.einsum("bnk,bnek->bne", weights, values)
+    def attended(r: int, col: int, partition: str) -> list[int]:
+        if partition == "local":
+            rows = range(r // wh * wh, r // wh * wh + wh)
+            cols = range(col // ww * ww, col // ww * ww + ww)
+        else:
+            rows, cols = range(r % n1, hp, n1), range(col % n2, wp, n2)
+        return [i * wp + j for i in rows for j in cols]
+
+    # (h*w tokens, partitions, wh*ww keys): flat indices into the padded grid.
+    index = torch.tensor([[attended(r, col, p) for p in module.partitions] for r in range(h) for col in range(w)])
+    queries = q.view(b, heads, -1, hp, wp)[..., :h, :w].flatten(3)  # (B, heads, d, h*w)
+    scores = torch.einsum("bndt,bndtpk->bntpk", queries, k[..., index]) / math.sqrt(q.shape[2])
+    out = torch.einsum("bntpk,bnetpk->bnet", scores.softmax(dim=-1), v[..., index])  # sums the partitions
     return out.reshape(b, -1, h, w)
 
 

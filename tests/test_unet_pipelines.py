@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,12 +103,13 @@ def test_model_drives_every_common_scheduler(unet, scheduler, clips_to_unit_rang
         assert image.abs().max() <= 1 + 1e-5
 
 
-@pytest.fixture
-def saved_pipeline(unet, tmp_path) -> tuple[Path, np.ndarray]:
-    """A DDPM pipeline with the EMOv2 UNet saved to disk, and the images it samples in this process."""
-    pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
-    pipeline.save_pretrained(tmp_path / "pipeline")
-    return tmp_path / "pipeline", run_pipeline(pipeline, seed=0)
+@pytest.fixture(scope="module")
+def saved_pipeline(make_tiny_unet, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A DDPM pipeline with the EMOv2 UNet saved to disk (read-only for tests), and the images it samples here."""
+    pipeline = DDPMPipeline(unet=make_tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    folder = tmp_path_factory.mktemp("saved") / "pipeline"
+    pipeline.save_pretrained(folder)
+    return folder, run_pipeline(pipeline, seed=0)
 
 
 def load_in_fresh_process(folder: Path, out: Path, import_line: str) -> subprocess.CompletedProcess:
@@ -132,9 +134,10 @@ def test_saved_pipeline_loads_with_diffusion_pipeline_after_importing_the_packag
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected_images, atol=1e-5)
 
 
-def test_pipeline_index_naming_the_top_level_package_loads(saved_pipeline):
+def test_pipeline_index_naming_the_top_level_package_loads(saved_pipeline, tmp_path):
     """A model_index entry ["emov2_gen", "EMOv2UNet2DModel"] resolves through the package's ModelMixin re-export."""
-    folder, expected_images = saved_pipeline
+    saved, expected_images = saved_pipeline
+    folder = shutil.copytree(saved, tmp_path / "pipeline")
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
     index["unet"] = ["emov2_gen", "EMOv2UNet2DModel"]
