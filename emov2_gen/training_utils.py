@@ -1,0 +1,189 @@
+"""Run management shared by the Accelerate training scripts: logging, resumable checkpoints, output folders, EMA swaps.
+
+A run writes `checkpoint-<step>` folders with `Accelerator.save_state`; the model (and its EMA copy) go in
+diffusers format into the sub-folders `<model_subfolder>/` and `<model_subfolder>_ema/` (via the hooks of
+`register_checkpoint_hooks`), so a checkpoint's model also loads with `from_pretrained(..., subfolder=...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import diffusers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.training_utils import EMAModel
+
+logger = get_logger(__name__, log_level="INFO")
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+def configure_logging(accelerator: Accelerator) -> None:
+    """INFO logging with timestamps; library chatter (datasets, diffusers) only from the local main process."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a `checkpoint-<step>` folder was written at."""
+    return int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete `checkpoint-<step>` folders in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.fullmatch(path.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_resume_checkpoint(resume_from: Optional[str], output_dir: Path, model_subfolder: str) -> Optional[Path]:
+    """The checkpoint to resume from: None for a fresh run, the newest for "latest", else the named folder.
+
+    A name is looked up as a path, then inside `output_dir`; anything that is not a `checkpoint-<step>`
+    folder holding `<model_subfolder>/config.json` raises.
+    """
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+            return None
+        return checkpoints[-1]
+    path = Path(resume_from)
+    if not path.is_dir():
+        path = output_dir / resume_from
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint {resume_from!r} does not exist (also looked in {output_dir}).")
+    if not CHECKPOINT_PATTERN.fullmatch(path.name) or not (path / model_subfolder / "config.json").is_file():
+        raise ValueError(f"{path} is not a training checkpoint (a checkpoint-<step> folder with {model_subfolder}/config.json).")
+    return path
+
+
+def config_differences(model: ModelMixin, config_file: Path) -> list[str]:
+    """The entries in which a saved `config.json` differs from `model`'s config (class name included)."""
+    saved = json.loads(config_file.read_text())
+    differences = []
+    if saved.get("_class_name") != type(model).__name__:
+        differences.append(f"class: saved {saved.get('_class_name')!r}, current {type(model).__name__!r}")
+    current = json.loads(json.dumps(dict(model.config)))  # tuples -> lists, as in the saved file
+    for key in sorted(set(current) | set(saved)):
+        if not key.startswith("_") and current.get(key) != saved.get(key):
+            differences.append(f"{key}: saved {saved.get(key)!r}, current {current.get(key)!r}")
+    return differences
+
+
+def check_checkpoint_matches(checkpoint: Path, model: ModelMixin, model_subfolder: str) -> None:
+    """Refuse to resume a checkpoint written for another model (class or any config entry)."""
+    differences = config_differences(model, checkpoint / model_subfolder / "config.json")
+    if differences:
+        raise ValueError(
+            f"{checkpoint} was saved from another model than the one these flags build:\n  "
+            + "\n  ".join(differences)
+            + "\nResume with the same model and data flags, or start a new run."
+        )
+
+
+def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, accelerator: Accelerator) -> None:
+    """Create `output_dir`; refuse to mix a new run into one holding another run unless `overwrite` (then prune it)."""
+    previous = list_checkpoints(output_dir)
+    has_saved_run = (output_dir / "model_index.json").is_file()
+    if not resuming and (previous or has_saved_run):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already holds a training run ({len(previous)} checkpoint(s)"
+                f"{', a saved pipeline' if has_saved_run else ''}). Pass --resume_from_checkpoint latest to "
+                "continue it, --overwrite_output_dir to start afresh, or another --output_dir."
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for checkpoint in previous:
+                shutil.rmtree(checkpoint)
+            logger.info(f"--overwrite_output_dir: deleted {len(previous)} checkpoint(s) of the previous run.")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, global_step: int, total_limit: Optional[int]) -> Path:
+    """Write `checkpoint-<step>` atomically (a temporary folder, then a rename), then prune to `total_limit`.
+
+    Older checkpoints are deleted only once the new one is complete, so a crash never loses the last good one.
+    """
+    final = output_dir / f"checkpoint-{global_step}"
+    partial = output_dir / f".checkpoint-{global_step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        checkpoints = list_checkpoints(output_dir)
+        if total_limit is not None and len(checkpoints) > total_limit:
+            for old in checkpoints[: len(checkpoints) - total_limit]:
+                shutil.rmtree(old)
+            logger.info(f"Removed {len(checkpoints) - total_limit} old checkpoint(s) (--checkpoints_total_limit).")
+        logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_checkpoint_hooks(
+    accelerator: Accelerator, model_cls: type[ModelMixin], model_subfolder: str, ema_model: Optional[EMAModel] = None
+) -> None:
+    """Make `save_state`/`load_state` store the model (and EMA) with `save_pretrained` in `<model_subfolder>[_ema]/`."""
+
+    def save_model_hook(models, weights, checkpoint_dir):
+        if accelerator.is_main_process:
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(checkpoint_dir, f"{model_subfolder}_ema"))
+            for saved in models:
+                accelerator.unwrap_model(saved).save_pretrained(os.path.join(checkpoint_dir, model_subfolder))
+        weights.clear()  # saved in diffusers format above, not again by accelerate
+
+    def load_model_hook(models, checkpoint_dir):
+        if ema_model is not None:
+            loaded_ema = EMAModel.from_pretrained(os.path.join(checkpoint_dir, f"{model_subfolder}_ema"), model_cls)
+            ema_model.load_state_dict(loaded_ema.state_dict())
+            ema_model.to(accelerator.device)
+        while models:
+            loaded = model_cls.from_pretrained(checkpoint_dir, subfolder=model_subfolder)
+            accelerator.unwrap_model(models.pop()).load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+@contextlib.contextmanager
+def ema_weights(ema_model: Optional[EMAModel], model: ModelMixin) -> Iterator[None]:
+    """Temporarily load the EMA weights into `model` (a no-op without EMA)."""
+    if ema_model is None:
+        yield
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema_model.restore(model.parameters())

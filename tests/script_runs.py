@@ -1,0 +1,68 @@
+"""Helpers for tests that run the training scripts in this process: loading a script, running it, reading its output."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script (e.g. train/train_seg.py) as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(script: ModuleType, argv: list[str]):
+    """`script.main(script.parse_args(argv))`, leaving no Accelerate state behind for the next run."""
+    try:
+        return script.main(script.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the cores.
+
+    Autouse in every test module that imports it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def checkpoint_names(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith(("checkpoint-", ".checkpoint-")))
+
+
+def tensorboard_scalars(logging_dir: Path) -> dict[str, list[float]]:
+    """Every scalar logged under `logging_dir`, by tag, in logging order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for events in logging_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(event.value for event in accumulator.Scalars(tag))
+    return scalars
