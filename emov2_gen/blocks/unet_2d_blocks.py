@@ -13,7 +13,7 @@ Blocks return/consume skip tensors exactly like diffusers' `DownBlock2D`/`UpBloc
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers.models.upsampling import Upsample2D
@@ -64,6 +64,14 @@ def conditioned_i2rmb(
     )
 
 
+def layer_drop_paths(drop_path: Union[float, Sequence[float]], num_layers: int) -> list[float]:
+    """One stochastic-depth rate per layer of a block: a sequence as given, or one rate for all."""
+    rates = [float(drop_path)] * num_layers if isinstance(drop_path, (int, float)) else [float(r) for r in drop_path]
+    if len(rates) != num_layers:
+        raise ValueError(f"Got {len(rates)} drop-path rates for {num_layers} layers.")
+    return rates
+
+
 class _CheckpointedLayers(nn.Module):
     """Runs conditioned layers, through diffusers' gradient-checkpointing function when enabled."""
 
@@ -88,12 +96,15 @@ class EMOv2DownBlock2D(_CheckpointedLayers):
         num_layers: int = 2,
         add_downsample: bool = True,
         attention: bool = False,
+        drop_path: Union[float, Sequence[float]] = 0.0,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            conditioned_i2rmb(in_channels if i == 0 else out_channels, out_channels, temb_channels, attention, **block_kwargs)
-            for i in range(num_layers)
+            conditioned_i2rmb(
+                in_channels if i == 0 else out_channels, out_channels, temb_channels, attention, drop_path=rate, **block_kwargs
+            )
+            for i, rate in enumerate(layer_drop_paths(drop_path, num_layers))
         )
         self.downsampler = (
             I2RMB(
@@ -126,10 +137,18 @@ class EMOv2AttnDownBlock2D(EMOv2DownBlock2D):
 class EMOv2MidBlock2D(_CheckpointedLayers):
     """Two SEW-MHSA i2RMBs at the lowest resolution (the counterpart of `UNetMidBlock2D`)."""
 
-    def __init__(self, channels: int, temb_channels: int, num_layers: int = 2, **block_kwargs: Any) -> None:
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int,
+        num_layers: int = 2,
+        drop_path: Union[float, Sequence[float]] = 0.0,
+        **block_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            conditioned_i2rmb(channels, channels, temb_channels, True, **block_kwargs) for _ in range(num_layers)
+            conditioned_i2rmb(channels, channels, temb_channels, True, drop_path=rate, **block_kwargs)
+            for rate in layer_drop_paths(drop_path, num_layers)
         )
 
     def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -154,18 +173,19 @@ class EMOv2UpBlock2D(_CheckpointedLayers):
         num_layers: int = 3,
         add_upsample: bool = True,
         attention: bool = False,
+        drop_path: Union[float, Sequence[float]] = 0.0,
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
         layers = []
-        for i in range(num_layers):
+        for i, rate in enumerate(layer_drop_paths(drop_path, num_layers)):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             layer_in = prev_output_channel if i == 0 else out_channels
             layers.append(
                 conditioned_i2rmb(
                     layer_in + skip_channels, out_channels, temb_channels, attention,
                     mid_channels=int(out_channels * block_kwargs["expansion"]),
-                    num_heads=max(1, out_channels // block_kwargs["head_dim"]), **block_kwargs,
+                    num_heads=max(1, out_channels // block_kwargs["head_dim"]), drop_path=rate, **block_kwargs,
                 )
             )
         self.layers = nn.ModuleList(layers)

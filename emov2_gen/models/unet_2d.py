@@ -130,14 +130,16 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
         else:
             raise ValueError(f"Unknown class_embed_type {class_embed_type!r}; use None, 'timestep' or 'identity'.")
 
-        # Stochastic depth over all conditioned blocks in order (encoder, mid, decoder).
-        num_blocks = levels * layers_per_block + (2 if mid_block_type else 0) + levels * (layers_per_block + 1)
-        drop_rates = iter(torch.linspace(0, drop_path_rate, num_blocks).tolist())
+        # Stochastic depth grows linearly over all conditioned i2RMBs in order (encoder, mid, decoder).
+        mid_layers = 2 if mid_block_type else 0
+        total_layers = levels * layers_per_block + mid_layers + levels * (layers_per_block + 1)
+        drop_rates = iter(torch.linspace(0, drop_path_rate, total_layers).tolist())
 
-        def kwargs_for(level: int) -> dict[str, Any]:
+        def kwargs_for(level: int, num_layers: int) -> dict[str, Any]:
             return dict(
-                expansion=expansions[level], head_dim=head_dims[level], window_size=self.window_sizes[level],
-                kernel_size=kernel_size, dropout=dropout, norm_eps=norm_eps, drop_path=next(drop_rates),
+                num_layers=num_layers, expansion=expansions[level], head_dim=head_dims[level],
+                window_size=self.window_sizes[level], kernel_size=kernel_size, dropout=dropout, norm_eps=norm_eps,
+                drop_path=[next(drop_rates) for _ in range(num_layers)],
             )
 
         self.conv_in = nn.Conv2d(in_channels, ch0, kernel_size=3, padding=1)
@@ -146,11 +148,11 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
             self.down_blocks.append(
                 get_block(
                     block_type, DOWN_BLOCK_TYPES, block_out_channels[i - 1] if i else ch0, block_out_channels[i],
-                    time_embed_dim, num_layers=layers_per_block, add_downsample=i < levels - 1, **kwargs_for(i),
+                    time_embed_dim, add_downsample=i < levels - 1, **kwargs_for(i, layers_per_block),
                 )
             )
         self.mid_block = (
-            get_block(mid_block_type, MID_BLOCK_TYPES, block_out_channels[-1], time_embed_dim, **kwargs_for(levels - 1))
+            get_block(mid_block_type, MID_BLOCK_TYPES, block_out_channels[-1], time_embed_dim, **kwargs_for(levels - 1, mid_layers))
             if mid_block_type
             else None
         )
@@ -162,7 +164,7 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
                 get_block(
                     block_type, UP_BLOCK_TYPES, reversed_channels[min(i + 1, levels - 1)],
                     reversed_channels[max(i - 1, 0)], reversed_channels[i], time_embed_dim,
-                    num_layers=layers_per_block + 1, add_upsample=i < levels - 1, **kwargs_for(level),
+                    add_upsample=i < levels - 1, **kwargs_for(level, layers_per_block + 1),
                 )
             )
         self.conv_norm_out = make_norm("ln", ch0, eps=norm_eps)
