@@ -262,6 +262,13 @@ def test_save_and_load_pretrained_roundtrip(model, sample, tmp_path):
     torch.testing.assert_close(predict(loaded, sample), predict(model, sample), rtol=0, atol=0)
 
 
+def test_drop_path_rate_grows_linearly_over_every_conditioned_layer(make_tiny_unet):
+    model = make_tiny_unet(drop_path_rate=0.2, layers_per_block=2)
+    blocks = conditioned_blocks(model)  # in module order: encoder, mid block, decoder
+    rates = [getattr(block.drop_path, "p", 0.0) for block in blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.2, len(blocks)).tolist())
+
+
 def test_drop_path_is_stochastic_in_train_mode_only(make_tiny_unet, sample):
     model = activate_conditioning(make_tiny_unet(drop_path_rate=0.5))
     model.train()
