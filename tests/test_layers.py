@@ -15,7 +15,10 @@ def value_projection(dim: int, mid: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(dim, mid, 1), nn.GELU())
 
 
-def attention_and_values(dim=16, mid=48, head_dim=8, window_size=4, **kwargs):
+def attention_and_values(
+    dim: int = 16, mid: int = 48, head_dim: int = 8, window_size: int = 4, **kwargs
+) -> tuple[SEWMHSA, nn.Module]:
+    """A seeded SEW-MHSA (2 heads of q/k width 8) and values 3x wider than the input, as in an i2RMB with e=3."""
     torch.manual_seed(0)
     attn = SEWMHSA(dim, head_dim=head_dim, window_size=window_size, **kwargs)
     return attn, value_projection(dim, mid)
