@@ -1,10 +1,11 @@
 """Speed, size and memory of denoisers, measured side by side and reported as ratios to a baseline.
 
-Timings are interleaved: each repetition runs every metric for every model in turn (round-robin), after
-warm-up, and the median is reported, so a slow patch on a shared machine hits all models alike. Peak memory
-is the most tensor memory the step allocates beyond what was already allocated (weights, optimizer state):
-`torch.cuda.max_memory_allocated` on CUDA, the CPU allocator's `[memory]` events of `torch.profiler` on CPU
-(tensor bytes; not RSS, oneDNN scratch space is not included).
+Timings are wall-clock, interleaved: each repetition runs every metric for every model in turn (round-robin),
+after warm-up, and the median is reported, so a slow patch on a shared machine hits all models alike. (On a
+busy CPU, prefer one torch thread: with two, every op waits for the descheduled thread and timings explode.)
+Peak memory is the most tensor memory the step allocates beyond what was already allocated (weights,
+optimizer state): `torch.cuda.max_memory_allocated` on CUDA; on CPU the running sum of the CPU allocator's
+`[memory]` events recorded by `torch.profiler` (tensor bytes, not RSS).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class BenchmarkReport:
     def to_markdown(self) -> str:
         """A table with one row per model; each cell is `value (ratio to baseline)`."""
         ratios = self.ratios()
-        header = ["model"] + [f"{metric.label} ({metric.unit})" for metric in self.metrics]
+        header = ["model"] + [m.label if m.unit in m.label else f"{m.label} ({m.unit})" for m in self.metrics]
         rows = [
             [name] + [f"{_format_value(values[m.key], m.unit)} ({ratios[name][m.key]:.2f}x)" for m in self.metrics]
             for name, values in self.values.items()
@@ -186,7 +187,7 @@ def _format_value(value: float, unit: str) -> str:
         return f"{value / 1e6:.2f}M"
     if unit == "MiB":
         return f"{value:.0f}"
-    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    return f"{value:.3g}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
@@ -307,14 +308,14 @@ class _ModelUnderTest:
 
         return run
 
-    def sampling(self) -> Callable[[], None]:
+    def sampling(self, num_inference_steps: int) -> Callable[[], None]:
         """DDIM sampling of one batch with the diffusers pipeline."""
 
         def run() -> None:
             with torch.inference_mode(), self._autocast():
                 self.pipeline(
                     batch_size=self.settings.sampling_batch_size,
-                    num_inference_steps=self.settings.sampling_steps,
+                    num_inference_steps=num_inference_steps,
                     generator=torch.Generator("cpu").manual_seed(0),
                     output_type="np",
                 )
@@ -365,8 +366,11 @@ def run_benchmark(
     }
     latency_cases["train_step_ms"] = {name: s.train_step() for name, s in subjects.items()}
     timings = _interleaved_seconds(latency_cases, settings.repeats, settings.warmup, device, "latency")
+    for subject in subjects.values():  # the pipeline passes 0-d timesteps: warm up (and compile) that path too
+        for _ in range(settings.warmup):
+            subject.sampling(num_inference_steps=1)()
     sampling = _interleaved_seconds(
-        {"sampling_s": {name: s.sampling() for name, s in subjects.items()}},
+        {"sampling_s": {name: s.sampling(settings.sampling_steps) for name, s in subjects.items()}},
         settings.sampling_repeats, 0, device, "sampling",
     )
     for name in subjects:
