@@ -28,6 +28,16 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
+@pytest.fixture
+def one_thread():
+    """Run on one torch thread, then restore: on a busy 2-core machine two threads spend most of their time
+    waiting for each other (small ops get ~100x slower), and the tiny test models gain nothing from two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def make_tiny_unet() -> Callable[..., EMOv2UNet2DModel]:
     """`make_tiny_unet(**overrides)` -> a seeded, tiny `emov2-1m` UNet in eval mode."""

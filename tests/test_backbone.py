@@ -13,6 +13,8 @@ from emov2_gen import EMOV2_BACKBONE_PRESETS, EMOv2Backbone
 from emov2_gen.layers import SEWMHSA
 from emov2_gen.models.backbone import read_official_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REFERENCE_FILE = "reference/emov2_1m_224.safetensors"
 
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, LayerNorm2d, make_act, make_norm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def value_projection(dim: int, mid: int) -> nn.Module:
     """An i2RMB-style value projection (1x1 conv with bias + GELU), so padded zero tokens get non-zero values."""

@@ -15,6 +15,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from emov2_gen import EMOv2UNet2DModel
 from emov2_gen.layers import I2RMB, AdaLNModulation, SEWMHSA
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # UNet2DModel constructor keys that configure its ResNet/GroupNorm/attention blocks and have no
 # counterpart in an i2RMB UNet (LayerNorms, stride-2 i2RMB downsampling, SEW-MHSA levels by block type).
 NOT_APPLICABLE_UNET2D_KEYS = {
