@@ -28,9 +28,9 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Run on one torch thread, then restore: on a busy 2-core machine two threads spend most of their time
+    """Run (a test module) on one torch thread, then restore: on a busy 2-core machine two threads spend most of their time
     waiting for each other (small ops get ~100x slower), and the tiny test models gain nothing from two."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
