@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -126,14 +127,20 @@ def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_
         assert list(report.values[name]) == keys
         assert all(math.isfinite(v) and v > 0 for v in report.values[name].values())
         assert len(report.timings_s[name]["train_step_ms"]) == 3
-        assert len(report.timings_s[name]["sampling_s"]) == 2
+        assert len(report.timings_s[name]["sampling_images_per_s"]) == 2
     assert all(ratio == 1.0 for ratio in ratios["tiny-unet2d"].values())
     emov2 = make_tiny_unet(sample_size=16)
     assert report.values["tiny-emov2"]["parameters"] == emov2.num_parameters()
     assert report.values["tiny-emov2"]["gflops_16px"] == pytest.approx(count_gflops(emov2, 16, 3))
     assert ratios["tiny-emov2"]["parameters"] == pytest.approx(emov2.num_parameters() / tiny_unet2d(16).num_parameters())
-    median_ms = 1e3 * sorted(report.timings_s["tiny-emov2"]["forward_ms_bs2_16px"])[1]
-    assert report.values["tiny-emov2"]["forward_ms_bs2_16px"] == pytest.approx(median_ms)
+    model_s, base_s = (report.timings_s[name]["forward_ms_bs2_16px"] for name in ("tiny-emov2", "tiny-unet2d"))
+    assert report.values["tiny-emov2"]["forward_ms_bs2_16px"] == pytest.approx(1e3 * sorted(model_s)[1])
+    paired = statistics.median(t / b for t, b in zip(model_s, base_s))  # repetition-wise ratios
+    assert ratios["tiny-emov2"]["forward_ms_bs2_16px"] == pytest.approx(paired)
+    model_s, base_s = (report.timings_s[name]["sampling_images_per_s"] for name in ("tiny-emov2", "tiny-unet2d"))
+    assert report.values["tiny-emov2"]["sampling_images_per_s"] == pytest.approx(2 / statistics.median(model_s))
+    throughput_ratio = statistics.median(b / t for t, b in zip(model_s, base_s))  # higher is better: base / model time
+    assert ratios["tiny-emov2"]["sampling_images_per_s"] == pytest.approx(throughput_ratio)
 
     json_path, md_path = report.save(tmp_path / "out")
     saved = json.loads(json_path.read_text())

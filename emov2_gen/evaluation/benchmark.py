@@ -120,9 +120,21 @@ class BenchmarkReport:
         return MEMORY_METHOD[torch.device(self.settings.device).type]
 
     def ratios(self) -> dict[str, dict[str, float]]:
-        """Every value divided by the baseline's (so the baseline's ratios are all 1)."""
+        """Every value relative to the baseline's (so the baseline's ratios are all 1).
+
+        Timed metrics use the median of per-repetition ratios: repetition i of a model and of the baseline ran
+        back to back, so the pair shares the machine's load at that moment.
+        """
         base = self.values[self.baseline]
-        return {name: {key: value / base[key] for key, value in values.items()} for name, values in self.values.items()}
+        ratios = {}
+        for name, values in self.values.items():
+            ratios[name] = {key: value / base[key] for key, value in values.items()}
+            for metric in self.metrics:
+                if metric.key in self.timings_s[name]:
+                    pairs = zip(self.timings_s[name][metric.key], self.timings_s[self.baseline][metric.key])
+                    paired = [(b / t if metric.higher_is_better else t / b) for t, b in pairs]
+                    ratios[name][metric.key] = statistics.median(paired)
+        return ratios
 
     def to_dict(self) -> dict[str, Any]:
         ratios = self.ratios()
@@ -155,7 +167,8 @@ class BenchmarkReport:
         ]
         env, s = self.environment, self.settings
         lines = [
-            f"Ratios are model / `{self.baseline}` (time, memory: lower is better; img/s: higher is better). "
+            f"Ratios are model / `{self.baseline}` (time, memory: lower is better; img/s: higher is better); "
+            "timed ratios are medians of per-repetition ratios. "
             f"Medians of {s.repeats} interleaved repetitions ({s.sampling_repeats} for sampling) after {s.warmup} "
             f"warm-up; device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
             f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}.",
@@ -370,15 +383,15 @@ def run_benchmark(
         for _ in range(settings.warmup):
             subject.sampling(num_inference_steps=1)()
     sampling = _interleaved_seconds(
-        {"sampling_s": {name: s.sampling(settings.sampling_steps) for name, s in subjects.items()}},
+        {"sampling_images_per_s": {name: s.sampling(settings.sampling_steps) for name, s in subjects.items()}},
         settings.sampling_repeats, 0, device, "sampling",
     )
     for name in subjects:
+        values[name].update({metric: 1e3 * statistics.median(seconds) for metric, seconds in timings[name].items()})
+        values[name]["sampling_images_per_s"] = settings.sampling_batch_size / statistics.median(
+            sampling[name]["sampling_images_per_s"]
+        )
         timings[name].update(sampling[name])
-        for metric, seconds in timings[name].items():
-            if metric != "sampling_s":
-                values[name][metric] = 1e3 * statistics.median(seconds)
-        values[name]["sampling_images_per_s"] = settings.sampling_batch_size / statistics.median(timings[name]["sampling_s"])
 
     for name, subject in subjects.items():
         values[name]["train_peak_mib"] = peak_memory_mib(subject.train_step(), device)
