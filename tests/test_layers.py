@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, LayerNorm2d, make_act, make_norm
+from emov2_gen.layers.sew_mhsa import merge_windows, partition_windows, window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,6 +86,26 @@ def test_matches_naive_per_token_reference(size, window_size, kwargs, sew_mhsa_r
     x = torch.randn(2, 16, *size)
     with torch.no_grad():
         torch.testing.assert_close(attn(x, to_value), sew_mhsa_reference(attn, x, to_value), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value_dim", [32, 96])
+def test_window_attention_equals_sdpa(value_dim):
+    # On CPU, wider values take the written-out path; equal widths go through SDPA itself.
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 3, 64, 32, generator=g).unbind(0)
+    v = torch.randn(6, 3, 64, value_dim, generator=g)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(window_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_merge_windows_inverts_partition_and_returns_channels_last(dilated):
+    x = torch.randn(2, 12, 8, 12)  # 3 heads of width 4; windows of 4 x 3 on an 8 x 12 map (n1=2, n2=4)
+    windows = partition_windows(x, heads=3, wh=4, ww=3, dilated=dilated)
+    assert windows.shape == (2 * 2 * 4, 3, 12, 4)
+    merged = merge_windows(windows, batch=2, n1=2, n2=4, wh=4, ww=3, dilated=dilated)
+    torch.testing.assert_close(merged, x, rtol=0, atol=0)
+    assert merged.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_invalid_partitions_raise():

@@ -128,7 +128,7 @@ class I2RMB(nn.Module):
             if temb is None:
                 raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
             shift, scale, gate = self.modulation(temb)
-            y = y * (1 + scale) + shift
+            y = torch.addcmul(shift, y, 1 + scale)
         z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
         z = z + self.dw(z) if self.residual else self.dw(z)
         z = self.proj(self.dropout(z))

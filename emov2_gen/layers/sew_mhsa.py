@@ -43,14 +43,30 @@ def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bo
 
 
 def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
-    """Inverse of `partition_windows`: (B*n1*n2, heads, wh*ww, d) -> (B, heads*d, n1*wh, n2*ww)."""
+    """Inverse of `partition_windows`: (B*n1*n2, heads, wh*ww, d) -> (B, heads*d, n1*wh, n2*ww).
+
+    The result is laid out channels-last (one copy, straight from the window order): the depth-wise
+    conv that follows runs many times faster on channels-last input than on NCHW on CPU.
+    """
     heads, d = t.shape[1], t.shape[-1]
     t = t.view(batch, n1, n2, heads, wh, ww, d)
-    if dilated:
-        t = t.permute(0, 3, 6, 4, 1, 5, 2)  # (B, heads, d, wh, n1, ww, n2)
-    else:
-        t = t.permute(0, 3, 6, 1, 4, 2, 5)  # (B, heads, d, n1, wh, n2, ww)
-    return t.reshape(batch, heads * d, n1 * wh, n2 * ww)
+    if dilated:  # pixel (i*n1 + a, j*n2 + b) of window (a, b)
+        t = t.permute(0, 4, 1, 5, 2, 3, 6)  # (B, wh, n1, ww, n2, heads, d)
+    else:  # pixel (a*wh + i, b*ww + j) of window (a, b)
+        t = t.permute(0, 1, 4, 2, 5, 3, 6)  # (B, n1, wh, n2, ww, heads, d)
+    return t.reshape(batch, n1 * wh, n2 * ww, heads * d).permute(0, 3, 1, 2)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two dims; values may be wider than queries (e * d_h).
+
+    `scaled_dot_product_attention` everywhere except on CPU with a value width different from the
+    query width: there SDPA has no fused kernel and its math fallback adds NaN-safe-softmax passes,
+    about 2x slower than the same math written out (measured at 16x16 maps, 8x8 windows).
+    """
+    if q.device.type == "cpu" and v.shape[-1] != q.shape[-1]:
+        return torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class SEWMHSA(nn.Module):
@@ -105,7 +121,7 @@ class SEWMHSA(nn.Module):
         for name in partitions:
             dilated = name == "dilated"
             qw, kw, vw = (partition_windows(t, self.num_heads, wh, ww, dilated) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qw, kw, vw)
+            o = window_attention(qw, kw, vw)
             outs.append(merge_windows(o, b, n1, n2, wh, ww, dilated))
         out = outs[0] if len(outs) == 1 else outs[0] + outs[1]
         if repeat != 1:
