@@ -29,12 +29,7 @@ from emov2_gen.pipelines import pipeline_emov2_image
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(num_class_embeds=None, in_channels=1) -> UNet2DModel:

@@ -18,6 +18,9 @@ from emov2_gen.data.training_images import (
 )
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def ramp_image(width: int, height: int) -> Image.Image:
     """A greyscale image whose value grows left to right, so flips and crops are visible."""
     row = np.linspace(0, 255, width).round().astype(np.uint8)
