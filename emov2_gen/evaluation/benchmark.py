@@ -77,6 +77,8 @@ QUICK_SETTINGS = BenchmarkSettings(
 
 @dataclass(frozen=True)
 class Metric:
+    """One report column: its JSON key, table label and unit, and which direction is better."""
+
     key: str
     label: str
     unit: str
@@ -107,6 +109,8 @@ def benchmark_metrics(settings: BenchmarkSettings) -> list[Metric]:
 
 @dataclass
 class BenchmarkReport:
+    """Values per model (metric key -> value in the metric's unit), the raw timings behind them, and their context."""
+
     settings: BenchmarkSettings
     environment: dict[str, Any]
     baseline: str
@@ -190,6 +194,7 @@ class BenchmarkReport:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (shared with `eval/model_table.py`)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
