@@ -26,14 +26,7 @@ from emov2_gen.models.registry import build_denoiser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def one_thread():
-    """Run on one torch thread (two threads on a busy 2-core runner spend most of their time waiting), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # shared fixture (conftest): one torch thread for this module
 
 
 def load_script(name: str):
@@ -109,7 +102,7 @@ def tiny_unet2d(sample_size: int) -> UNet2DModel:
     )
 
 
-def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_path, one_thread):
+def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_path):
     settings = BenchmarkSettings(
         resolutions=(16,), batch_sizes=(1, 2), train_resolution=16, train_batch_size=2,
         sampling_batch_size=2, sampling_steps=2, repeats=3, sampling_repeats=2,
@@ -164,7 +157,7 @@ def test_unknown_baseline_and_bad_settings_raise():
         BenchmarkSettings(resolutions=(64,))
 
 
-def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys, one_thread):
+def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
     load_script("benchmark").main(["--models", "emov2-1m", "--quick", "--threads", "1", "--output_dir", str(tmp_path)])
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark.json").read_text())
@@ -173,7 +166,7 @@ def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys, one_thread):
     assert (tmp_path / "benchmark.md").read_text() in printed
 
 
-def test_model_table_cli(tmp_path, capsys, one_thread):
+def test_model_table_cli(tmp_path, capsys):
     out = tmp_path / "table.json"
     load_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
     printed = capsys.readouterr().out
