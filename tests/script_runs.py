@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
@@ -27,18 +26,6 @@ def run_script(script: ModuleType, argv: list[str]):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the cores.
-
-    Autouse in every test module that imports it.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from emov2_gen.data.synthetic_vessels import generate_vessel_sample
 from emov2_gen.pipelines.pipeline_emov2_segmentation import EMOv2SegmentationPipeline
 
 TINY = dict(base_channels=8, num_levels=3, head_dim=8, window_size=4, decode_head_channels=4, auxiliary_head_channels=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
 

@@ -12,6 +12,7 @@ from emov2_gen.layers import I2RMB, ConvNormAct
 from emov2_gen.models.segmentation import SEGMENTATION_PRESETS
 from emov2_gen.models.segmentation_losses import cross_entropy_dice_loss, soft_dice_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 # A 3-level i2RMB UNet small enough for CPU tests (size divisor 4).
 TINY = dict(base_channels=8, num_levels=3, head_dim=8, window_size=4, decode_head_channels=4, auxiliary_head_channels=4)
 

@@ -11,15 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from script_runs import (  # single_thread: an autouse fixture
-    assert_same_weights,
-    checkpoint_names,
-    load_script,
-    run_script,
-    single_thread,  # noqa: F401
-    tensorboard_scalars,
-    weights,
-)
+from script_runs import assert_same_weights, checkpoint_names, load_script, run_script, tensorboard_scalars, weights
 
 from emov2_gen import EMOv2UNetForSegmentation
 from emov2_gen.data.synthetic_vessels import generate_vessel_sample, write_synthetic_vessel_folder
@@ -31,6 +23,7 @@ TRAIN_SCRIPT = REPO / "train" / "train_seg.py"
 TINY = dict(base_channels=8, num_levels=3, head_dim=8, window_size=4, decode_head_channels=8, auxiliary_head_channels=8)
 
 train_seg = load_script(TRAIN_SCRIPT)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

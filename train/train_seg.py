@@ -102,8 +102,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", type=str, default=None, choices=sorted(SEGMENTATION_PRESETS),
-                       help=f"Model preset (default {DEFAULT_PRESET}).")
+    model.add_argument("--preset", type=str, default=None, choices=sorted(SEGMENTATION_PRESETS), metavar="PRESET",
+                       help=f"Model preset (default {DEFAULT_PRESET}): {', '.join(sorted(SEGMENTATION_PRESETS))}.")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
                        help="A config.json (or its folder) of an EMOv2UNetForSegmentation instead of a preset.")
     model.add_argument("--num_classes", type=int, default=2, help="Classes including background (vessel data: 2).")

@@ -154,13 +154,13 @@ class EMOv2UNetForSegmentation(ModelMixin, ConfigMixin):
                 raise ValueError(f"Unknown backbone_preset {backbone_preset!r}; valid: {', '.join(EMOV2_BACKBONE_PRESETS)}.")
             self.encoder = EMOv2Backbone.from_preset(backbone_preset, in_channels=in_channels, num_classes=0)
             widths = list(self.encoder.config.widths)
-            self.output_stride, self.size_divisor = 4, 32
+            self.size_divisor = 32
             encoder_specs: list[tuple[int, int]] = []
         else:
             if num_levels < 2:
                 raise ValueError(f"A UNet needs at least 2 levels, got num_levels={num_levels}.")
             widths = [base_channels * 2**i for i in range(num_levels)]
-            self.output_stride, self.size_divisor = 1, 2 ** (num_levels - 1)
+            self.size_divisor = 2 ** (num_levels - 1)
             encoder_specs = [(in_channels, widths[0])] + list(zip(widths, widths[1:]))
         decoder_specs = [(widths[i + 1], widths[i]) for i in reversed(range(len(widths) - 1))]  # (deep, skip), deepest first
 
@@ -261,7 +261,10 @@ class EMOv2UNetForSegmentation(ModelMixin, ConfigMixin):
     def forward(
         self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None, return_dict: bool = True
     ) -> Union[SegmentationOutput, tuple]:
-        """Segment `pixel_values` (B, in_channels, H, W), any H and W; `labels` (B, H, W) adds the loss."""
+        """Segment `pixel_values` (B, in_channels, H, W), any H and W; `labels` (B, H, W) adds the loss.
+
+        With `return_dict=False`: `(logits,)`, or `(logits, loss[, auxiliary_logits])` when `labels` are given.
+        """
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
             raise ValueError(f"Expected pixel_values (B, {self.config.in_channels}, H, W), got {tuple(pixel_values.shape)}.")
         size = tuple(pixel_values.shape[-2:])
