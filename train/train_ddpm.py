@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.data.training_images import TrainingImageDataset, derived_seed, image_channels, num_classes
-from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser_from_config
+from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser_from_config, downsampling_factor
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines import pipeline_emov2_image
 from emov2_gen.training_utils import (
@@ -215,11 +215,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model
-
-
-def downsampling_factor(model: ModelMixin) -> int:
-    """Total spatial downsampling of a UNet2DModel-layout denoiser: one 2x step between consecutive levels."""
-    return 2 ** (len(model.config.block_out_channels) - 1)
 
 
 def build_model(args: argparse.Namespace, channels: int, num_class_embeds: Optional[int]) -> ModelMixin:

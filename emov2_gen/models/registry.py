@@ -59,6 +59,11 @@ def build_denoiser(
     raise ValueError(f"Unknown model preset {name!r}; valid presets are: {', '.join(DENOISER_PRESETS)}.")
 
 
+def downsampling_factor(model: ModelMixin) -> int:
+    """Total spatial downsampling of either denoiser class: one 2x step between consecutive levels."""
+    return 2 ** (len(model.config.block_out_channels) - 1)
+
+
 def denoiser_from_config(path: str | Path, **overrides: Any) -> ModelMixin:
     """Build a randomly initialised denoiser from a `config.json` of either class (file or folder)."""
     path = Path(path)

@@ -180,7 +180,7 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
 
     @property
     def downsample_factor(self) -> int:
-        """H and W must be multiples of this (one stride-2 block per level but the last)."""
+        """H and W must be multiples of this (one stride-2 block per level but the last), as in UNet2DModel."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     @classmethod
