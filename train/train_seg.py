@@ -10,16 +10,18 @@ CE only, `--dice_loss_weight 0`). The trained model is saved as an `EMOv2Segment
 (`save_pretrained`: `model_index.json` + `model/`) that segments with the training crop, and the final
 validation scores go to `eval_results.json`.
 
-    accelerate launch train/train_seg.py --preset unet-emov2-1m --crop_size 64 --max_train_steps 300  # synthetic
+    accelerate launch train/train_seg.py --preset unet-emov2-1m --synthetic_size 128 128 --crop_size 64 \
+        --ratio_range 1 1 --learning_rate 1e-2 --lr_warmup_steps 60 --max_grad_norm 1 --max_train_steps 600
     accelerate launch train/train_seg.py --train_data_dir HRF --hrf_mmseg_split --preset unet-emov2-paper
     accelerate launch train/train_seg.py --train_data_dir DRIVE/training --layout drive \
         --validation_data_dir DRIVE/test --crop_size 64
     accelerate launch train/train_seg.py --dataset_name org/vessels --validation_split test
     accelerate launch --multi_gpu --num_processes 4 train/train_seg.py ...   # batch 8 per GPU, as the paper
 
-Without data flags it trains on synthetic fundus images (offline). Every random draw is a function of
-`--seed` and the position in training (the epoch's shuffle of (seed, epoch), a sample's augmentation of
-(seed, epoch, index)), so `--resume_from_checkpoint` continues exactly where the run stopped.
+Without data flags it trains on synthetic fundus images (offline); the first command is the CPU-sized recipe
+of `eval/seg_benchmark.py` (the paper's lr 1.2e-4 and random rescale need thousands of steps). Every random
+draw is a function of `--seed` and the position in training (the epoch's shuffle of (seed, epoch), a sample's
+augmentation of (seed, epoch, index)), so `--resume_from_checkpoint` continues exactly where the run stopped.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ DECODE_HEAD_TYPES = ("aspp", "fcn")
 SEGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's U-EMOv2 ("UNet_5M" in the official repo): 21,281,728 + 41,442 + 73,986 = 21,397,156 parameters.
     "unet-emov2-paper": dict(base_channels=64, window_size=10, head_dim=32),
-    # Mobile sizes of the same layout (5,011,524 and 1,193,684 parameters for 2 classes): narrower, expansion
+    # Mobile sizes of the same layout (5,020,804 and 1,193,684 parameters for 2 classes): narrower, expansion
     # trimmed to land on the size; windows of 8 tile the power-of-two maps of 64/128/256 crops exactly.
     "unet-emov2-5m": dict(base_channels=32, expansion=1.75, window_size=8, head_dim=16, auxiliary_head_channels=32),
     "unet-emov2-1m": dict(base_channels=16, expansion=1.5, window_size=8, head_dim=16, auxiliary_head_channels=16),
