@@ -7,6 +7,7 @@ diffusers format into the sub-folders `<model_subfolder>/` and `<model_subfolder
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -26,6 +27,23 @@ from diffusers.training_utils import EMAModel
 logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+def add_checkpoint_arguments(group: argparse._ArgumentGroup) -> None:
+    """The checkpoint/resume/tracker flags this module implements, shared by the training scripts."""
+    group.add_argument("--checkpointing_steps", type=int, default=500,
+                       help="Save a resumable training state every N optimiser steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='"latest" (in output_dir; starts afresh if there is none) or a checkpoint path/name.')
+    group.add_argument("--logger", type=str, default="tensorboard", choices=("tensorboard", "wandb"))
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+
+
+def check_checkpoint_arguments(args: argparse.Namespace) -> None:
+    """Reject checkpoint flags that cannot work (the rest is checked by each script)."""
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be at least 1.")
 
 
 def configure_logging(accelerator: Accelerator) -> None:

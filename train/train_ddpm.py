@@ -56,6 +56,8 @@ from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines import pipeline_emov2_image
 from emov2_gen.training_utils import (
+    add_checkpoint_arguments,
+    check_checkpoint_arguments,
     check_checkpoint_matches,
     checkpoint_step,
     configure_logging,
@@ -163,13 +165,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     saving = parser.add_argument_group("saving and logging")
     saving.add_argument("--save_images_epochs", type=int, default=10, help="Save a preview grid every N epochs.")
     saving.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
-    saving.add_argument("--checkpointing_steps", type=int, default=500,
-                        help="Save a resumable training state every N optimiser steps.")
-    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
-    saving.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='"latest" (in output_dir; starts afresh if there is none) or a checkpoint path/name.')
-    saving.add_argument("--logger", type=str, default="tensorboard", choices=("tensorboard", "wandb"))
-    saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    add_checkpoint_arguments(saving)
     saving.add_argument("--push_to_hub", action="store_true", help="Upload the saved pipeline to the Hugging Face hub.")
     saving.add_argument("--hub_token", type=str, default=None)
     saving.add_argument("--hub_model_id", type=str, default=None, help="Defaults to output_dir's name.")
@@ -196,8 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}.")
     if args.guidance_scale != 1.0 and not (args.class_conditional and args.class_dropout_prob > 0):
         raise ValueError("--guidance_scale needs a null class: --class_conditional with --class_dropout_prob > 0.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints_total_limit must be at least 1.")
+    check_checkpoint_arguments(args)
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise ValueError("--max_train_samples must be at least 1.")
     for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",

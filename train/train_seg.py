@@ -56,6 +56,8 @@ from emov2_gen.evaluation.segmentation_metrics import SegmentationMetric, Segmen
 from emov2_gen.models.segmentation import SEGMENTATION_PRESETS
 from emov2_gen.pipelines.pipeline_emov2_segmentation import EMOv2SegmentationPipeline
 from emov2_gen.training_utils import (
+    add_checkpoint_arguments,
+    check_checkpoint_arguments,
     check_checkpoint_matches,
     checkpoint_step,
     configure_logging,
@@ -143,12 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                             help="Score only pixels inside the field of view (vessel literature); mmseg scores all.")
 
     saving = parser.add_argument_group("checkpoints and logging")
-    saving.add_argument("--checkpointing_steps", type=int, default=500)
-    saving.add_argument("--checkpoints_total_limit", type=int, default=None)
-    saving.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='"latest" (in output_dir; starts afresh if there is none) or a checkpoint path/name.')
-    saving.add_argument("--logger", type=str, default="tensorboard", choices=("tensorboard", "wandb"))
-    saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    add_checkpoint_arguments(saving)
 
     args = parser.parse_args(argv)
     check_args(args)
@@ -173,8 +170,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.eval_stride is not None and not 1 <= args.eval_stride <= args.crop_size:
         raise ValueError(f"--eval_stride must lie in [1, --crop_size], got {args.eval_stride}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints_total_limit must be at least 1.")
+    check_checkpoint_arguments(args)
     if args.logger == "wandb" and not is_wandb_available():
         raise ImportError("--logger wandb needs wandb: pip install wandb.")
     if args.logger == "tensorboard" and not is_tensorboard_available():
