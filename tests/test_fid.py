@@ -21,6 +21,7 @@ from emov2_gen.evaluation.inception import resolve_inception_weights
 from emov2_gen.evaluation.inception_inputs import ImageTensorDataset
 from emov2_gen.evaluation.reference import ReferenceImages, ReferenceSet
 from emov2_gen.evaluation.sampling import generate_images, load_pipeline
+from script_runs import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -224,3 +225,18 @@ def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_an
         "| unet2d-tiny-2",
     ]
     assert all(row in result.stdout for row in table_rows)
+
+
+def test_anchor_script_puts_real_images_far_below_noise_on_the_reference_scale(tmp_path, capsys):
+    anchors = load_script(REPO / "eval" / "fid_anchors.py")
+    common = ["--reference", str(MNIST), "--num_samples", "24", "--resolution", "16", "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="must differ"):
+        anchors.main(common + ["--split", "test", "--other_split", "test"])
+
+    scores = anchors.main(common + ["--split", "train", "--other_split", "test", "--device", "cpu"])
+    real, noise = scores["real (test split)"], scores["uniform noise"]
+    assert 0 < real["fid"] < 0.3 * noise["fid"] and real["kid_mean"] < 0.1 * noise["kid_mean"]
+    written = json.loads((tmp_path / "anchors.json").read_text())
+    assert written["num_samples"] == 24 and written["scores"]["uniform noise"]["fid"] == noise["fid"]
+    assert f"| uniform noise | {noise['fid']:.1f} |" in capsys.readouterr().out
+    assert len(list((tmp_path / "fidelity_cache").iterdir())) == 2  # one reference, computed once for both scores
