@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from emov2_gen import EMOv2UNetForSegmentation
-from emov2_gen.evaluation.flops import _ATTENTION_FLOP_FORMULAS
+from emov2_gen.evaluation.flops import flop_counter
 from emov2_gen.models.segmentation import SEGMENTATION_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +106,7 @@ def train(args: argparse.Namespace, preset: str) -> dict[str, Any]:
 
 @torch.no_grad()
 def forward_gflops(model: EMOv2UNetForSegmentation, size: int) -> float:
-    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOP_FORMULAS)
+    counter = flop_counter()
     with counter:
         model(torch.zeros(1, model.config.in_channels, size, size))
     return counter.get_total_flops() / 1e9

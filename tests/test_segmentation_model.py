@@ -226,3 +226,12 @@ def test_emov2_backbone_encoder_loads_official_weights_and_reproduces_them(share
     assert logits.shape == (2, 2, 100, 90)
     with pytest.raises(ValueError, match="checkpoint"):
         EMOv2UNetForSegmentation.from_preset("emov2-5m-unet", backbone_checkpoint=path)  # 1M weights, 5M encoder
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 6])
+def test_conv_norm_act_dilation_keeps_the_size_and_is_the_dilated_conv(dilation):
+    # ASPP branches are ConvNormAct units with dilation d and padding d (mmseg's ASPPModule).
+    unit = ConvNormAct(4, 6, 3, dilation=dilation, norm="none", act="none")
+    x = torch.randn(2, 4, 13, 17)
+    expected = F.conv2d(x, unit.conv.weight, padding=dilation, dilation=dilation)
+    torch.testing.assert_close(unit(x), expected)

@@ -30,6 +30,11 @@ def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_s
 _ATTENTION_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
 
 
+def flop_counter() -> FlopCounterMode:
+    """A silent `FlopCounterMode` that also counts the fused CPU attention kernel (absent from torch's formulas)."""
+    return FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOP_FORMULAS)
+
+
 @torch.no_grad()
 def count_gflops(
     model: nn.Module, sample_size: Union[int, tuple[int, int]], in_channels: int, batch_size: int = 1
@@ -49,7 +54,7 @@ def count_gflops(
     class_labels = None
     if config is not None and config.get("num_class_embeds") is not None:
         class_labels = torch.zeros(batch_size, device=parameter.device, dtype=torch.long)
-    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOP_FORMULAS)
+    counter = flop_counter()
     with counter:
         model(sample, timestep, class_labels=class_labels)
     return counter.get_total_flops() / batch_size / 1e9

@@ -8,7 +8,7 @@ from .norms import make_act, make_norm
 
 
 class ConvNormAct(nn.Sequential):
-    """`conv`, `norm`, `act` children; `groups=-1` means depth-wise. Padding keeps the size at stride 1."""
+    """`conv`, `norm`, `act` children; `groups=-1` means depth-wise. Padding keeps the size at stride 1 (any dilation)."""
 
     def __init__(
         self,
@@ -17,6 +17,7 @@ class ConvNormAct(nn.Sequential):
         kernel_size: int = 3,
         stride: int = 1,
         groups: int = 1,
+        dilation: int = 1,
         bias: bool = False,
         norm: str = "bn",
         act: str = "silu",
@@ -24,7 +25,14 @@ class ConvNormAct(nn.Sequential):
         groups = in_channels if groups == -1 else groups
         super().__init__()
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
         )
         self.norm = make_norm(norm, out_channels)
         self.act = make_act(act)

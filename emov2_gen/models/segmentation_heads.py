@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import ConvNormAct, make_act, make_norm
+from ..layers import ConvNormAct
 
 
 def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
@@ -25,16 +25,6 @@ def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
     nn.init.normal_(conv.weight, std=0.01)
     nn.init.zeros_(conv.bias)
     return conv
-
-
-class _DilatedConvBNReLU(nn.Sequential):
-    """Conv3x3 (dilation d, padding d, no bias) + BN + ReLU: an ASPP branch (`ConvNormAct` has no dilation)."""
-
-    def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
-        self.norm = make_norm("bn", out_channels)
-        self.act = make_act("relu")
 
 
 class FCNHead(nn.Module):
@@ -67,8 +57,7 @@ class ASPPHead(nn.Module):
         super().__init__()
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, channels, 1, norm="bn", act="relu"))
         self.branches = nn.ModuleList(
-            ConvNormAct(in_channels, channels, 1, norm="bn", act="relu") if d == 1 else _DilatedConvBNReLU(in_channels, channels, d)
-            for d in dilations
+            ConvNormAct(in_channels, channels, 1 if d == 1 else 3, dilation=d, norm="bn", act="relu") for d in dilations
         )
         self.bottleneck = ConvNormAct((len(dilations) + 1) * channels, channels, 3, norm="bn", act="relu")
         self.dropout = nn.Dropout2d(dropout)
