@@ -46,6 +46,14 @@ def check_checkpoint_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--checkpoints_total_limit must be at least 1.")
 
 
+def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Reject any of the integer flags `names` that is below 1 (None means unset and passes)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+
+
 def configure_logging(accelerator: Accelerator) -> None:
     """INFO logging with timestamps; library chatter (datasets, diffusers) only from the local main process."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",

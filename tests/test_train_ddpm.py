@@ -322,8 +322,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         (["--resolution", "9"], ValueError, "not divisible by 2"),
         (["--train_data_dir", "{tmp}/unlabelled", "--class_conditional"], ValueError, "no label column"),
         (["--resume_from_checkpoint", "{tmp}/checkpoint-7"], FileNotFoundError, "does not exist"),
+        (["--max_train_steps", "0"], ValueError, "--max_train_steps must be at least 1, got 0"),
     ],
-    ids=["missing-dir", "empty-dir", "missing-dataset", "resolution", "no-labels", "missing-checkpoint"],
+    ids=["missing-dir", "empty-dir", "missing-dataset", "resolution", "no-labels", "missing-checkpoint", "zero-steps"],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny_config, extra, error, message):
     (tmp_path / "empty").mkdir()

@@ -147,6 +147,7 @@ def test_two_processes_train_data_parallel_with_accelerate_launch(tmp_path, tiny
         (["--dataset_name", "x", "--train_data_dir", "y"], ValueError, "either --dataset_name or --train_data_dir"),
         (["--hrf_mmseg_split"], ValueError, "--hrf_mmseg_split"),
         (["--eval_stride", "40"], ValueError, "--eval_stride"),
+        (["--crop_size", "0"], ValueError, "--crop_size must be at least 1, got 0"),
         (["--preset", "unet-emov2-1m"], ValueError, "either --preset or --model_config_name_or_path"),
     ],
 )

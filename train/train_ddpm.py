@@ -58,6 +58,7 @@ from emov2_gen.pipelines import pipeline_emov2_image
 from emov2_gen.training_utils import (
     add_checkpoint_arguments,
     check_checkpoint_arguments,
+    check_positive,
     check_checkpoint_matches,
     checkpoint_step,
     configure_logging,
@@ -193,14 +194,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.guidance_scale != 1.0 and not (args.class_conditional and args.class_dropout_prob > 0):
         raise ValueError("--guidance_scale needs a null class: --class_conditional with --class_dropout_prob > 0.")
     check_checkpoint_arguments(args)
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise ValueError("--max_train_samples must be at least 1.")
-    for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "ddpm_num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError("--max_train_steps must be at least 1.")
+    check_positive(args, ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                          "save_images_epochs", "save_model_epochs", "checkpointing_steps", "ddpm_num_inference_steps",
+                          "max_train_samples", "max_train_steps"))
     if args.logger == "wandb" and args.hub_token is not None:
         raise ValueError("--logger wandb with --hub_token would expose the token; use `hf auth login` instead.")
     if args.logger == "wandb" and not is_wandb_available():

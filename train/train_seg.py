@@ -58,6 +58,7 @@ from emov2_gen.pipelines.pipeline_emov2_segmentation import EMOv2SegmentationPip
 from emov2_gen.training_utils import (
     add_checkpoint_arguments,
     check_checkpoint_arguments,
+    check_positive,
     check_checkpoint_matches,
     checkpoint_step,
     configure_logging,
@@ -164,10 +165,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_data_dir goes with --train_data_dir.")
     if args.validation_split is not None and args.dataset_name is None:
         raise ValueError("--validation_split goes with --dataset_name.")
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "crop_size", "validation_steps",
-                 "checkpointing_steps", "eval_windows_per_batch", "num_synthetic_train", "num_synthetic_validation"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    check_positive(args, ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "crop_size",
+                          "validation_steps", "checkpointing_steps", "eval_windows_per_batch", "num_synthetic_train",
+                          "num_synthetic_validation"))
     if args.eval_stride is not None and not 1 <= args.eval_stride <= args.crop_size:
         raise ValueError(f"--eval_stride must lie in [1, --crop_size], got {args.eval_stride}.")
     check_checkpoint_arguments(args)
