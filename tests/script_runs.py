@@ -28,6 +28,28 @@ def run_script(script: ModuleType, argv: list[str]):
         GradientState._reset_state()
 
 
+class Interrupted(Exception):
+    """A run stopped right after a checkpoint, as a crash or a killed job would stop it."""
+
+
+def run_until_checkpoint(script: ModuleType, argv: list[str], step: int, monkeypatch) -> None:
+    """Run `script` until it has written checkpoint `step`, then stop it there (raising nothing to the caller)."""
+    save_checkpoint = script.save_checkpoint
+
+    def save_then_interrupt(accelerator, output_dir, global_step, total_limit):
+        save_checkpoint(accelerator, output_dir, global_step, total_limit)
+        if global_step == step:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(script, "save_checkpoint", save_then_interrupt)
+        try:
+            run_script(script, argv)
+        except Interrupted:
+            return
+    raise AssertionError(f"The run ended without writing checkpoint {step}.")
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "diffusion_pytorch_model.safetensors")
 

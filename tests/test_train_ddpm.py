@@ -23,7 +23,15 @@ from PIL import Image
 
 from emov2_gen import EMOV2_UNET_PRESETS, EMOv2UNet2DModel
 from emov2_gen.pipelines import EMOv2ImagePipeline
-from script_runs import assert_same_weights, checkpoint_names, load_script, run_script, tensorboard_scalars, weights
+from script_runs import (
+    assert_same_weights,
+    checkpoint_names,
+    load_script,
+    run_script,
+    run_until_checkpoint,
+    tensorboard_scalars,
+    weights,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -121,21 +129,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_config, monkeypa
               "--random_flip", "--use_ema", "--class_conditional", "--learning_rate", "1e-3"]
     run_training(quick_args(tmp_path / "straight", tiny_config, *common, steps=7))
 
-    class Interrupted(Exception):
-        pass
-
-    save_checkpoint = train_ddpm.save_checkpoint
-
-    def save_then_interrupt(accelerator, output_dir, global_step, total_limit):
-        save_checkpoint(accelerator, output_dir, global_step, total_limit)
-        if global_step == 4:
-            raise Interrupted
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train_ddpm, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(Interrupted):
-        run_training(quick_args(resumed, tiny_config, *common, steps=7))
-    monkeypatch.undo()
+    run_until_checkpoint(train_ddpm, quick_args(resumed, tiny_config, *common, steps=7), 4, monkeypatch)
     assert checkpoint_names(resumed) == ["checkpoint-2", "checkpoint-4"]
     run_training(quick_args(resumed, tiny_config, *common, "--resume_from_checkpoint", "latest", steps=7))
 

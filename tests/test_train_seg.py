@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from script_runs import assert_same_weights, checkpoint_names, load_script, run_script, tensorboard_scalars, weights
+from script_runs import (
+    assert_same_weights,
+    checkpoint_names,
+    load_script,
+    run_script,
+    run_until_checkpoint,
+    tensorboard_scalars,
+    weights,
+)
 
 from emov2_gen import EMOv2UNetForSegmentation
 from emov2_gen.data.synthetic_vessels import generate_vessel_sample, write_synthetic_vessel_folder
@@ -88,21 +96,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_config, monkeypa
     straight = tmp_path / "straight"
     run_training(quick_args(straight, tiny_config, *common))
 
-    class Interrupted(Exception):
-        pass
-
-    save_checkpoint = train_seg.save_checkpoint
-
-    def save_then_interrupt(accelerator, output_dir, global_step, total_limit):
-        save_checkpoint(accelerator, output_dir, global_step, total_limit)
-        if global_step == 3:
-            raise Interrupted
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train_seg, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(Interrupted):
-        run_training(quick_args(resumed, tiny_config, *common))
-    monkeypatch.undo()
+    run_until_checkpoint(train_seg, quick_args(resumed, tiny_config, *common), 3, monkeypatch)
     run_training(quick_args(resumed, tiny_config, *common, "--resume_from_checkpoint", "latest"))
 
     for sub in ("model", "checkpoint-5/model", "checkpoint-5/model_ema"):
