@@ -132,7 +132,9 @@ class I2RMB(nn.Module):
         z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
         z = z + self.dw(z) if self.residual else self.dw(z)
         z = self.proj(self.dropout(z))
-        scale = gate if gate is not None else None if self.layer_scale is None else self.layer_scale.view(1, -1, 1, 1)
+        scale = gate  # adaLN gate, else the layer scale, else none
+        if scale is None and self.layer_scale is not None:
+            scale = self.layer_scale.view(1, -1, 1, 1)
         if self.residual and scale is not None and isinstance(self.drop_path, nn.Identity):
             return torch.addcmul(self.shortcut(x), z, scale)  # one pass for the scaled residual add
         if scale is not None:
