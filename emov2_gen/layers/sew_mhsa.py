@@ -31,28 +31,30 @@ def _window_grid(height: int, width: int, window_size: int) -> tuple[int, int, i
     return wh, ww, -(-height // wh), -(-width // ww)
 
 
-def _window_view(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
-    """(B, heads*d, n1*wh, n2*ww) -> view (B, n1, n2, heads, wh, ww, d) in window order (no copy)."""
+def _window_view(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
+    """(B, groups*heads*d, n1*wh, n2*ww) -> view (groups, B, n1, n2, heads, wh, ww, d) in window order (no copy).
+
+    `groups` splits the channels into consecutive tensors first (2 for the q/k projection's [q, k])."""
     b, c, hp, wp = t.shape
-    d, n1, n2 = c // heads, hp // wh, wp // ww
+    d, n1, n2 = c // (groups * heads), hp // wh, wp // ww
     if dilated:  # row r = i*n1 + a belongs to window a (stride n1); likewise for columns
-        return t.view(b, heads, d, wh, n1, ww, n2).permute(0, 4, 6, 1, 3, 5, 2)
+        return t.view(b, groups, heads, d, wh, n1, ww, n2).permute(1, 0, 5, 7, 2, 4, 6, 3)
     # row r = a*wh + i belongs to window a (contiguous tile)
-    return t.view(b, heads, d, n1, wh, n2, ww).permute(0, 3, 5, 1, 4, 6, 2)
+    return t.view(b, groups, heads, d, n1, wh, n2, ww).permute(1, 0, 4, 6, 2, 5, 7, 3)
 
 
-def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
-    """(B, heads*d, n1*wh, n2*ww) -> (B*n1*n2, heads, wh*ww, d) tokens of each window."""
-    w = _window_view(t, heads, wh, ww, dilated)
+def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
+    """(B, groups*heads*d, n1*wh, n2*ww) -> (groups*B*n1*n2, heads, wh*ww, d) tokens of each window, group-major."""
+    w = _window_view(t, heads, wh, ww, dilated, groups)
     return w.reshape(-1, heads, wh * ww, w.shape[-1])
 
 
-def partition_both_windows(t: torch.Tensor, heads: int, wh: int, ww: int) -> torch.Tensor:
-    """Local then dilated windows stacked in one copy: (2*B*n1*n2, heads, wh*ww, d).
+def partition_both_windows(t: torch.Tensor, heads: int, wh: int, ww: int, groups: int = 1) -> torch.Tensor:
+    """Local then dilated windows of each group stacked in one copy: (groups*2*B*n1*n2, heads, wh*ww, d).
 
-    One op instead of two, so both partitions then share a single attention call.
+    One op instead of two per group, so both partitions then share a single attention call.
     """
-    w = torch.stack([_window_view(t, heads, wh, ww, dilated) for dilated in (False, True)])
+    w = torch.stack([_window_view(t, heads, wh, ww, dilated, groups) for dilated in (False, True)], dim=1)
     return w.view(-1, heads, wh * ww, w.shape[-1])
 
 
@@ -144,17 +146,19 @@ class SEWMHSA(nn.Module):
         pad_h, pad_w = n1 * wh - h, n2 * ww - w
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        q, k = self.qk(x).chunk(2, dim=1)
+        qk = self.qk(x)  # [q, k] along channels: partitioned together, one copy for both
         v = to_value(x)
         if v.shape[1] % self.num_heads != 0:
             raise ValueError(f"Value width {v.shape[1]} is not divisible by {self.num_heads} heads.")
 
         if len(self.partitions) == 2 and (n1 > 1 or n2 > 1):  # both partitions in one attention call
-            qw, kw, vw = (partition_both_windows(t, self.num_heads, wh, ww) for t in (q, k, v))
+            qw, kw = partition_both_windows(qk, self.num_heads, wh, ww, groups=2).chunk(2)
+            vw = partition_both_windows(v, self.num_heads, wh, ww)
             out = merge_both_windows(window_attention(qw, kw, vw), b, n1, n2, wh, ww)
         else:  # one partition; with a single window both partitions are the same tokens: attend once, x2
             dilated = self.partitions == ("dilated",)
-            qw, kw, vw = (partition_windows(t, self.num_heads, wh, ww, dilated) for t in (q, k, v))
+            qw, kw = partition_windows(qk, self.num_heads, wh, ww, dilated, groups=2).chunk(2)
+            vw = partition_windows(v, self.num_heads, wh, ww, dilated)
             o = window_attention(qw, kw, vw, out_scale=float(len(self.partitions)))
             out = merge_windows(o, b, n1, n2, wh, ww, dilated)
         if pad_h or pad_w:
