@@ -112,6 +112,8 @@ class I2RMB(nn.Module):
             make_norm(dw_norm, mid, eps=norm_eps),
             make_act(dw_act),
         )
+        # Autograd keeps ReLU's output for its backward, so only then the inner residual may not add into it.
+        self.dw_output_unsaved = dw_act != "relu"
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
         use_layer_scale = layer_scale_init is not None and self.modulation is None
@@ -130,7 +132,10 @@ class I2RMB(nn.Module):
             shift, scale, gate = self.modulation(temb)
             y = torch.addcmul(shift, y, 1 + scale)
         z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
-        z = z + self.dw(z) if self.residual else self.dw(z)
+        if self.residual:  # into the branch output in place: one large temporary less per block
+            z = self.dw(z).add_(z) if self.dw_output_unsaved else z + self.dw(z)
+        else:
+            z = self.dw(z)
         z = self.proj(self.dropout(z))
         scale = gate  # adaLN gate, else the layer scale, else none
         if scale is None and self.layer_scale is not None:
