@@ -24,5 +24,5 @@ class AdaLNModulation(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        params = self.linear(self.act(temb))[:, :, None, None]
+        params = self.linear(self.act(temb)).view(temb.shape[0], -1, 1, 1)  # one view op, not two unsqueezes
         return params.split((self.in_channels, self.in_channels, self.out_channels), dim=1)

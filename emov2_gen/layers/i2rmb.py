@@ -112,6 +112,8 @@ class I2RMB(nn.Module):
             make_norm(dw_norm, mid, eps=norm_eps),
             make_act(dw_act),
         )
+        # Autograd keeps ReLU's output for its backward, so only then the inner residual may not add into it.
+        self.dw_output_unsaved = dw_act != "relu"
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
         use_layer_scale = layer_scale_init is not None and self.modulation is None
@@ -130,12 +132,18 @@ class I2RMB(nn.Module):
             shift, scale, gate = self.modulation(temb)
             y = torch.addcmul(shift, y, 1 + scale)
         z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
-        z = z + self.dw(z) if self.residual else self.dw(z)
+        if self.residual:  # into the branch output in place: one large temporary less per block
+            z = self.dw(z).add_(z) if self.dw_output_unsaved else z + self.dw(z)
+        else:
+            z = self.dw(z)
         z = self.proj(self.dropout(z))
-        if gate is not None:
-            z = z * gate
-        elif self.layer_scale is not None:
-            z = z * self.layer_scale.view(1, -1, 1, 1)
+        scale = gate  # adaLN gate, else the layer scale, else none
+        if scale is None and self.layer_scale is not None:
+            scale = self.layer_scale.view(1, -1, 1, 1)
+        if self.residual and scale is not None and isinstance(self.drop_path, nn.Identity):
+            return torch.addcmul(self.shortcut(x), z, scale)  # one pass for the scaled residual add
+        if scale is not None:
+            z = z * scale
         if not self.residual:
             return z
         return self.shortcut(x) + self.drop_path(z)

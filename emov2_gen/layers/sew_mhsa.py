@@ -31,15 +31,40 @@ def _window_grid(height: int, width: int, window_size: int) -> tuple[int, int, i
     return wh, ww, -(-height // wh), -(-width // ww)
 
 
-def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
-    """(B, heads*d, n1*wh, n2*ww) -> (B*n1*n2, heads, wh*ww, d) tokens of each window."""
+def _window_view(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
+    """(B, groups*heads*d, n1*wh, n2*ww) -> view (groups, B, n1, n2, heads, wh, ww, d) in window order (no copy).
+
+    `groups` splits the channels into consecutive tensors first (2 for the q/k projection's [q, k])."""
     b, c, hp, wp = t.shape
-    d, n1, n2 = c // heads, hp // wh, wp // ww
+    d, n1, n2 = c // (groups * heads), hp // wh, wp // ww
     if dilated:  # row r = i*n1 + a belongs to window a (stride n1); likewise for columns
-        t = t.view(b, heads, d, wh, n1, ww, n2).permute(0, 4, 6, 1, 3, 5, 2)
-    else:  # row r = a*wh + i belongs to window a (contiguous tile)
-        t = t.view(b, heads, d, n1, wh, n2, ww).permute(0, 3, 5, 1, 4, 6, 2)
-    return t.reshape(b * n1 * n2, heads, wh * ww, d)
+        return t.view(b, groups, heads, d, wh, n1, ww, n2).permute(1, 0, 5, 7, 2, 4, 6, 3)
+    # row r = a*wh + i belongs to window a (contiguous tile)
+    return t.view(b, groups, heads, d, n1, wh, n2, ww).permute(1, 0, 4, 6, 2, 5, 7, 3)
+
+
+def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
+    """(B, groups*heads*d, n1*wh, n2*ww) -> (groups*B*n1*n2, heads, wh*ww, d) tokens of each window, group-major."""
+    w = _window_view(t, heads, wh, ww, dilated, groups)
+    return w.reshape(-1, heads, wh * ww, w.shape[-1])
+
+
+def partition_both_windows(t: torch.Tensor, heads: int, wh: int, ww: int, groups: int = 1) -> torch.Tensor:
+    """Local then dilated windows of each group stacked in one copy: (groups*2*B*n1*n2, heads, wh*ww, d).
+
+    One op instead of two per group, so both partitions then share a single attention call.
+    """
+    w = torch.stack([_window_view(t, heads, wh, ww, dilated, groups) for dilated in (False, True)], dim=1)
+    return w.view(-1, heads, wh * ww, w.shape[-1])
+
+
+def _pixel_view(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
+    """Windows (B*n1*n2, heads, wh*ww, d) as a 7-D view whose index order is the pixel grid's (no copy):
+    (B, n1, wh, n2, ww, heads, d) for local windows, (B, wh, n1, ww, n2, heads, d) for dilated ones."""
+    t = t.view(batch, n1, n2, t.shape[1], wh, ww, t.shape[-1])
+    if dilated:  # pixel (i*n1 + a, j*n2 + b) of window (a, b)
+        return t.permute(0, 4, 1, 5, 2, 3, 6)
+    return t.permute(0, 1, 4, 2, 5, 3, 6)  # pixel (a*wh + i, b*ww + j) of window (a, b)
 
 
 def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int, dilated: bool) -> torch.Tensor:
@@ -48,25 +73,39 @@ def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: in
     The result is laid out channels-last (one copy, straight from the window order): the depth-wise
     conv that follows runs many times faster on channels-last input than on NCHW on CPU.
     """
-    heads, d = t.shape[1], t.shape[-1]
-    t = t.view(batch, n1, n2, heads, wh, ww, d)
-    if dilated:  # pixel (i*n1 + a, j*n2 + b) of window (a, b)
-        t = t.permute(0, 4, 1, 5, 2, 3, 6)  # (B, wh, n1, ww, n2, heads, d)
-    else:  # pixel (a*wh + i, b*ww + j) of window (a, b)
-        t = t.permute(0, 1, 4, 2, 5, 3, 6)  # (B, n1, wh, n2, ww, heads, d)
-    return t.reshape(batch, n1 * wh, n2 * ww, heads * d).permute(0, 3, 1, 2)
+    c = t.shape[1] * t.shape[-1]
+    return _pixel_view(t, batch, n1, n2, wh, ww, dilated).reshape(batch, n1 * wh, n2 * ww, c).permute(0, 3, 1, 2)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over the last two dims; values may be wider than queries (e * d_h).
+def merge_both_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int) -> torch.Tensor:
+    """Sum of the merged local and dilated halves of `partition_both_windows`' layout, channels-last.
+
+    The local half is merged with one copy and the dilated half added straight from window order
+    (viewing the merged map in the dilated pixel order), saving the second merge copy.
+    """
+    local, dilated = t.chunk(2)
+    merged = merge_windows(local, batch, n1, n2, wh, ww, dilated=False)  # (B, C, H, W), NHWC in memory
+    nhwc = merged.permute(0, 2, 3, 1)
+    summed = nhwc.view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1]) + _pixel_view(dilated, batch, n1, n2, wh, ww, True)
+    return summed.view(nhwc.shape).permute(0, 3, 1, 2)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_scale: float = 1.0) -> torch.Tensor:
+    """out_scale * softmax(q k^T / sqrt(d)) v over the last two dims; values may be wider than queries (e * d_h).
 
     `scaled_dot_product_attention` everywhere except on CPU with a value width different from the
     query width: there SDPA has no fused kernel and its math fallback adds NaN-safe-softmax passes,
-    about 2x slower than the same math written out (measured at 16x16 maps, 8x8 windows).
+    about 2x slower than the same math written out (measured at 16x16 maps, 8x8 windows). That path
+    folds 1/sqrt(d) and `out_scale` into the two batched products (`baddbmm`'s alpha), saving two passes.
     """
     if q.device.type == "cpu" and v.shape[-1] != q.shape[-1]:
-        return torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+        lead, (t, d), m = q.shape[:-2], q.shape[-2:], v.shape[-1]
+        q3, k3, v3 = q.reshape(-1, t, d), k.reshape(-1, t, d), v.reshape(-1, t, m)
+        ignored = q.new_zeros(())  # baddbmm's input, ignored with beta=0
+        attn = torch.baddbmm(ignored, q3, k3.transpose(1, 2), beta=0, alpha=d**-0.5).softmax(dim=-1)
+        return torch.baddbmm(ignored, attn, v3, beta=0, alpha=out_scale).view(*lead, t, m)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out if out_scale == 1.0 else out * out_scale
 
 
 class SEWMHSA(nn.Module):
@@ -107,25 +146,21 @@ class SEWMHSA(nn.Module):
         pad_h, pad_w = n1 * wh - h, n2 * ww - w
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        q, k = self.qk(x).chunk(2, dim=1)
+        qk = self.qk(x)  # [q, k] along channels: partitioned together, one copy for both
         v = to_value(x)
         if v.shape[1] % self.num_heads != 0:
             raise ValueError(f"Value width {v.shape[1]} is not divisible by {self.num_heads} heads.")
 
-        # With a single window both partitions are the same tokens: compute once and scale.
-        partitions = self.partitions
-        repeat = 1
-        if n1 == 1 and n2 == 1 and len(partitions) == 2:
-            partitions, repeat = ("local",), 2
-        outs = []
-        for name in partitions:
-            dilated = name == "dilated"
-            qw, kw, vw = (partition_windows(t, self.num_heads, wh, ww, dilated) for t in (q, k, v))
-            o = window_attention(qw, kw, vw)
-            outs.append(merge_windows(o, b, n1, n2, wh, ww, dilated))
-        out = outs[0] if len(outs) == 1 else outs[0] + outs[1]
-        if repeat != 1:
-            out = out * repeat
+        if len(self.partitions) == 2 and (n1 > 1 or n2 > 1):  # both partitions in one attention call
+            qw, kw = partition_both_windows(qk, self.num_heads, wh, ww, groups=2).chunk(2)
+            vw = partition_both_windows(v, self.num_heads, wh, ww)
+            out = merge_both_windows(window_attention(qw, kw, vw), b, n1, n2, wh, ww)
+        else:  # one partition; with a single window both partitions are the same tokens: attend once, x2
+            dilated = self.partitions == ("dilated",)
+            qw, kw = partition_windows(qk, self.num_heads, wh, ww, dilated, groups=2).chunk(2)
+            vw = partition_windows(v, self.num_heads, wh, ww, dilated)
+            o = window_attention(qw, kw, vw, out_scale=float(len(self.partitions)))
+            out = merge_windows(o, b, n1, n2, wh, ww, dilated)
         if pad_h or pad_w:
             out = out[..., :h, :w]
         return out

@@ -232,7 +232,9 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
             sample = 2 * sample - 1.0
         emb, timesteps = self._embed(sample, timestep, class_labels)
 
-        hidden = self.conv_in(sample)
+        # Channels-last activations: every channel LayerNorm then reads a contiguous NHWC view (no permute
+        # copy) and mkldnn's convs skip their NCHW reorders; the output is returned NCHW-contiguous as before.
+        hidden = self.conv_in(sample.contiguous(memory_format=torch.channels_last))
         skips = (hidden,)
         for block in self.down_blocks:
             hidden, block_skips = block(hidden, emb)
@@ -246,4 +248,5 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
         out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
         if self.config.time_embedding_type == "fourier":  # score-SDE convention, as UNet2DModel
             out = out / timesteps.reshape(-1, 1, 1, 1).to(out.dtype)
+        out = out.contiguous()
         return UNet2DOutput(sample=out) if return_dict else (out,)
