@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
+from diffusers.utils import is_tensorboard_available, is_wandb_available
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -41,9 +42,12 @@ def add_checkpoint_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def check_checkpoint_arguments(args: argparse.Namespace) -> None:
-    """Reject checkpoint flags that cannot work (the rest is checked by each script)."""
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints_total_limit must be at least 1.")
+    """Reject the flags of `add_checkpoint_arguments` that cannot work: bad counts, a tracker that is not installed."""
+    check_positive(args, ("checkpointing_steps", "checkpoints_total_limit"))
+    if args.logger == "wandb" and not is_wandb_available():
+        raise ImportError("--logger wandb needs wandb: pip install wandb.")
+    if args.logger == "tensorboard" and not is_tensorboard_available():
+        raise ImportError("--logger tensorboard needs tensorboard: pip install tensorboard.")
 
 
 def check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:

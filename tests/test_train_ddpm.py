@@ -22,6 +22,7 @@ from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
 from PIL import Image
 
 from emov2_gen import EMOV2_UNET_PRESETS, EMOv2UNet2DModel
+from emov2_gen import training_utils
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from script_runs import (
     assert_same_weights,
@@ -377,6 +378,13 @@ def test_output_dir_of_another_run_needs_resume_or_overwrite(tmp_path, tiny_conf
 def test_inconsistent_flags_are_rejected(argv, message):
     with pytest.raises((ValueError, ImportError), match=message):
         train_ddpm.parse_args(argv)
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_a_tracker_that_is_not_installed_is_rejected_before_training(tracker, monkeypatch):
+    monkeypatch.setattr(training_utils, f"is_{tracker}_available", lambda: False)
+    with pytest.raises(ImportError, match=f"--logger {tracker} needs {tracker}"):
+        train_ddpm.parse_args(["--logger", tracker])
 
 
 # ------------------------------------------------------------------------------------------ loss

@@ -44,7 +44,6 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import is_tensorboard_available, is_wandb_available
 from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from torchvision.utils import save_image
@@ -193,16 +192,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}.")
     if args.guidance_scale != 1.0 and not (args.class_conditional and args.class_dropout_prob > 0):
         raise ValueError("--guidance_scale needs a null class: --class_conditional with --class_dropout_prob > 0.")
-    check_checkpoint_arguments(args)
     check_positive(args, ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                          "save_images_epochs", "save_model_epochs", "checkpointing_steps", "ddpm_num_inference_steps",
+                          "save_images_epochs", "save_model_epochs", "ddpm_num_inference_steps",
                           "max_train_samples", "max_train_steps"))
     if args.logger == "wandb" and args.hub_token is not None:
         raise ValueError("--logger wandb with --hub_token would expose the token; use `hf auth login` instead.")
-    if args.logger == "wandb" and not is_wandb_available():
-        raise ImportError("--logger wandb needs wandb: pip install wandb.")
-    if args.logger == "tensorboard" and not is_tensorboard_available():
-        raise ImportError("--logger tensorboard needs tensorboard: pip install tensorboard.")
+    check_checkpoint_arguments(args)
 
 
 # ----------------------------------------------------------------------------------------------- model

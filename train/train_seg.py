@@ -39,7 +39,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils import is_tensorboard_available, is_wandb_available
 from tqdm.auto import tqdm
 
 from emov2_gen import EMOv2UNetForSegmentation
@@ -166,15 +165,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.validation_split is not None and args.dataset_name is None:
         raise ValueError("--validation_split goes with --dataset_name.")
     check_positive(args, ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "crop_size",
-                          "validation_steps", "checkpointing_steps", "eval_windows_per_batch", "num_synthetic_train",
-                          "num_synthetic_validation"))
+                          "validation_steps", "eval_windows_per_batch", "num_synthetic_train", "num_synthetic_validation"))
     if args.eval_stride is not None and not 1 <= args.eval_stride <= args.crop_size:
         raise ValueError(f"--eval_stride must lie in [1, --crop_size], got {args.eval_stride}.")
     check_checkpoint_arguments(args)
-    if args.logger == "wandb" and not is_wandb_available():
-        raise ImportError("--logger wandb needs wandb: pip install wandb.")
-    if args.logger == "tensorboard" and not is_tensorboard_available():
-        raise ImportError("--logger tensorboard needs tensorboard: pip install tensorboard.")
 
 
 # ----------------------------------------------------------------------------------------------- data
