@@ -84,11 +84,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def resolve_resume_checkpoint(resume_from: Optional[str], output_dir: Path, model_subfolder: str) -> Optional[Path]:
-    """The checkpoint to resume from: None for a fresh run, the newest for "latest", else the named folder.
+def resolve_resume_checkpoint(
+    resume_from: Optional[str], output_dir: Path, model: ModelMixin, model_subfolder: str
+) -> Optional[Path]:
+    """The checkpoint to resume `model` from: None for a fresh run, the newest for "latest", else the named folder.
 
     A name is looked up as a path, then inside `output_dir`; anything that is not a `checkpoint-<step>`
-    folder holding `<model_subfolder>/config.json` raises.
+    folder holding `<model_subfolder>/config.json`, or one saved from another model, raises.
     """
     if resume_from is None:
         return None
@@ -97,14 +99,18 @@ def resolve_resume_checkpoint(resume_from: Optional[str], output_dir: Path, mode
         if not checkpoints:
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
             return None
-        return checkpoints[-1]
-    path = Path(resume_from)
-    if not path.is_dir():
-        path = output_dir / resume_from
-    if not path.is_dir():
-        raise FileNotFoundError(f"Checkpoint {resume_from!r} does not exist (also looked in {output_dir}).")
-    if not CHECKPOINT_PATTERN.fullmatch(path.name) or not (path / model_subfolder / "config.json").is_file():
-        raise ValueError(f"{path} is not a training checkpoint (a checkpoint-<step> folder with {model_subfolder}/config.json).")
+        path = checkpoints[-1]
+    else:
+        path = Path(resume_from)
+        if not path.is_dir():
+            path = output_dir / resume_from
+        if not path.is_dir():
+            raise FileNotFoundError(f"Checkpoint {resume_from!r} does not exist (also looked in {output_dir}).")
+        if not CHECKPOINT_PATTERN.fullmatch(path.name) or not (path / model_subfolder / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a training checkpoint (a checkpoint-<step> folder with {model_subfolder}/config.json)."
+            )
+    check_checkpoint_matches(path, model, model_subfolder)
     return path
 
 

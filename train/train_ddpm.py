@@ -58,7 +58,6 @@ from emov2_gen.training_utils import (
     add_checkpoint_arguments,
     check_checkpoint_arguments,
     check_positive,
-    check_checkpoint_matches,
     checkpoint_step,
     configure_logging,
     ema_weights,
@@ -344,9 +343,7 @@ def main(args: argparse.Namespace) -> None:
         model.enable_xformers_memory_efficient_attention()
 
     # Resume target (a checkpoint of another model raises here).
-    resume_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir, MODEL_SUBFOLDER)
-    if resume_checkpoint is not None:
-        check_checkpoint_matches(resume_checkpoint, model, MODEL_SUBFOLDER)
+    resume_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir, model, MODEL_SUBFOLDER)
     prepare_output_dir(output_dir, resume_checkpoint is not None, args.overwrite_output_dir, accelerator)
 
     ema_model = None
