@@ -76,6 +76,28 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1))
 
 
+def load_resume_state(
+    accelerator: Accelerator,
+    checkpoint: Optional[Path],
+    updates_per_epoch: int,
+    gradient_accumulation_steps: int,
+    max_train_steps: int,
+) -> tuple[int, int, int]:
+    """Load `checkpoint`'s training state (if any); return (global_step, first_epoch, batches_to_skip).
+
+    The position is exact: the run continues mid-epoch by skipping the batches already consumed in it.
+    """
+    if checkpoint is None:
+        return 0, 0, 0
+    logger.info(f"Resuming from {checkpoint}")
+    accelerator.load_state(str(checkpoint))
+    global_step = checkpoint_step(checkpoint)
+    first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
+    if global_step >= max_train_steps:
+        logger.info(f"The checkpoint is at step {global_step} >= {max_train_steps} steps; nothing to train.")
+    return global_step, first_epoch, updates_into_epoch * gradient_accumulation_steps
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """The complete `checkpoint-<step>` folders in `output_dir`, oldest first."""
     if not output_dir.is_dir():

@@ -58,10 +58,10 @@ from emov2_gen.training_utils import (
     add_checkpoint_arguments,
     check_checkpoint_arguments,
     check_positive,
-    checkpoint_step,
     configure_logging,
     ema_weights,
     list_checkpoints,
+    load_resume_state,
     prepare_output_dir,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -401,15 +401,9 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {max_train_steps}")
 
-    global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if resume_checkpoint is not None:
-        logger.info(f"Resuming from {resume_checkpoint}")
-        accelerator.load_state(str(resume_checkpoint))
-        global_step = checkpoint_step(resume_checkpoint)
-        first_epoch, updates_into_epoch = divmod(global_step, num_update_steps_per_epoch)
-        batches_to_skip = updates_into_epoch * args.gradient_accumulation_steps
-        if global_step >= max_train_steps:
-            logger.info(f"The checkpoint is at step {global_step} >= {max_train_steps} steps; nothing to train.")
+    global_step, first_epoch, batches_to_skip = load_resume_state(
+        accelerator, resume_checkpoint, num_update_steps_per_epoch, args.gradient_accumulation_steps, max_train_steps
+    )
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:

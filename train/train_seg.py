@@ -58,9 +58,9 @@ from emov2_gen.training_utils import (
     add_checkpoint_arguments,
     check_checkpoint_arguments,
     check_positive,
-    checkpoint_step,
     configure_logging,
     ema_weights,
+    load_resume_state,
     prepare_output_dir,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -336,13 +336,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("***** Running training *****")
     logger.info(f"  Total batch size = {per_step * args.gradient_accumulation_steps}, steps = {args.max_train_steps}, "
                 f"epochs = {num_epochs} of {updates_per_epoch} steps")
-    global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if resume_checkpoint is not None:
-        logger.info(f"Resuming from {resume_checkpoint}")
-        accelerator.load_state(str(resume_checkpoint))
-        global_step = checkpoint_step(resume_checkpoint)
-        first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
-        batches_to_skip = updates_into_epoch * args.gradient_accumulation_steps
+    global_step, first_epoch, batches_to_skip = load_resume_state(
+        accelerator, resume_checkpoint, updates_per_epoch, args.gradient_accumulation_steps, args.max_train_steps
+    )
 
     unwrapped = accelerator.unwrap_model(model)
     pipeline = EMOv2SegmentationPipeline(unwrapped, crop_size=args.crop_size, stride=args.eval_stride)
