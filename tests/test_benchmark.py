@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -23,17 +22,15 @@ from emov2_gen.evaluation.benchmark import (
 )
 from emov2_gen.evaluation.flops import count_gflops
 from emov2_gen.models.registry import build_denoiser
+from script_runs import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # shared fixture (conftest): one torch thread for this module
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def eval_script(name: str):
+    return load_script(REPO_ROOT / "eval" / f"{name}.py")
 
 
 class ConvAttention(nn.Module):
@@ -158,7 +155,7 @@ def test_unknown_baseline_and_bad_settings_raise():
 
 
 def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
-    load_script("benchmark").main(["--models", "emov2-1m", "--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    eval_script("benchmark").main(["--models", "emov2-1m", "--quick", "--threads", "1", "--output_dir", str(tmp_path)])
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert [m["name"] for m in saved["models"]] == ["unet2d-5m", "emov2-1m"]
@@ -168,7 +165,7 @@ def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
 
 def test_model_table_cli(tmp_path, capsys):
     out = tmp_path / "table.json"
-    load_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
+    eval_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
     printed = capsys.readouterr().out
     rows = {row["name"]: row for row in json.loads(out.read_text())["models"]}
     assert list(rows) == ["emov2-1m", "unet2d-5m"]
@@ -178,3 +175,16 @@ def test_model_table_cli(tmp_path, capsys):
     assert rows["emov2-1m"]["gflops_per_image"] == pytest.approx(count_gflops(emov2, 16, 3))
     assert rows["unet2d-5m"]["parameters_ratio"] == 1.0 and rows["unet2d-5m"]["gflops_ratio"] == 1.0
     assert "| emov2-1m | EMOv2UNet2DModel | (24, 32, 48, 64) |" in printed
+
+
+def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):
+    profile_ops = eval_script("profile_ops")
+    common = ["--models", "emov2-1m", "--batch_size", "1", "--resolution", "16", "--repeats", "1", "--rows", "5"]
+    forward = profile_ops.main(common)["emov2-1m"]
+    train = profile_ops.main(common + ["--train"])["emov2-1m"]
+    assert forward["ops"] == train["ops"] > 100  # the count is of one forward either way
+    assert "aten::mkldnn_convolution" in forward and "aten::convolution_backward" in train
+    assert len(forward) == 2 + 5 and 0 < max(v for k, v in forward.items() if k != "ops") <= forward["total_ms"]
+    printed = capsys.readouterr().out
+    assert f"emov2-1m: {forward['ops']} aten ops per forward; forward at batch 1, 16²" in printed
+    assert "training step at batch 1" in printed
