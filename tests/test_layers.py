@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, LayerNorm2d, make_act, make_norm
+from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, InterpConv, LayerNorm2d, make_act, make_norm
 from emov2_gen.layers.sew_mhsa import merge_windows, partition_windows, window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -299,6 +299,33 @@ def test_adaln_modulation_is_zero_initialised_with_block_shapes():
     shift, scale, gate = modulation(torch.randn(3, 32))
     assert (shift.shape, scale.shape, gate.shape) == ((3, 16, 1, 1), (3, 16, 1, 1), (3, 24, 1, 1))
     assert all(torch.count_nonzero(t) == 0 for t in (shift, scale, gate))
+
+
+# ----------------------------------------------------------------------------------------------
+# InterpConv
+
+
+@pytest.mark.parametrize("size", [(4, 4), (5, 3), (1, 6)])
+@pytest.mark.parametrize("norm", ["ln", "bn"])
+def test_interp_conv_conv_first_computes_the_official_order(size, norm):
+    """1x1 conv then bilinear x2 == bilinear x2 then 1x1 conv (the official order), borders included."""
+    torch.manual_seed(0)
+    official = InterpConv(6, 4, norm=norm, act="relu").eval()
+    with torch.no_grad():
+        official[1].norm.weight.normal_()
+        official[1].norm.bias.normal_()
+        x = torch.randn(2, 6, *size)
+        expected = nn.functional.relu(official[1].norm(official[1].conv(nn.functional.interpolate(x, scale_factor=2, mode="bilinear"))))
+        official_out = official(x)
+        official.conv_first = True
+        fast_out = official(x)
+    assert fast_out.shape == (2, 4, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(official_out, expected)
+    torch.testing.assert_close(fast_out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_interp_conv_keeps_the_sequential_state_dict_keys():
+    assert sorted(InterpConv(6, 4, norm="ln").state_dict()) == ["1.conv.weight", "1.norm.bias", "1.norm.weight"]
 
 
 # ----------------------------------------------------------------------------------------------

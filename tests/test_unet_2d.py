@@ -11,9 +11,10 @@ import torch
 import torch.utils.checkpoint
 from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.upsampling import Upsample2D
 
 from emov2_gen import EMOv2UNet2DModel
-from emov2_gen.layers import I2RMB, AdaLNModulation, SEWMHSA
+from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, InterpConv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # counterpart in an i2RMB UNet (LayerNorms, stride-2 i2RMB downsampling, SEW-MHSA levels by block type).
 NOT_APPLICABLE_UNET2D_KEYS = {
     "act_fn", "add_attention", "attn_norm_num_groups", "downsample_padding", "downsample_type",
-    "mid_block_scale_factor", "norm_num_groups", "resnet_time_scale_shift", "upsample_type",
+    "mid_block_scale_factor", "norm_num_groups", "resnet_time_scale_shift",
 }
 
 
@@ -149,6 +150,17 @@ def test_bad_samples_raise_with_what_is_expected(model, shape, message):
 def test_presets_have_their_nominal_size(preset, target):
     params = EMOv2UNet2DModel.from_preset(preset, in_channels=3, out_channels=3).num_parameters()
     assert abs(params - target) <= 0.1 * target, f"{preset}: {params:,} parameters"
+
+
+def test_upsample_type_selects_interp_conv_or_diffusers_upsample2d(make_tiny_unet, sample):
+    default, diffusers_style = make_tiny_unet(), make_tiny_unet(upsample_type="conv")
+    ups = [b.upsampler for b in default.up_blocks if b.upsampler is not None]
+    assert ups and all(isinstance(u, InterpConv) and u.conv_first for u in ups)
+    assert all(isinstance(b.upsampler, Upsample2D) for b in diffusers_style.up_blocks if b.upsampler is not None)
+    assert default.num_parameters() < diffusers_style.num_parameters()  # 1x1 instead of 3x3 convs
+    assert predict(diffusers_style, sample).shape == sample.shape
+    with pytest.raises(ValueError, match="Unknown upsample_type 'pixel_shuffle'"):
+        make_tiny_unet(upsample_type="pixel_shuffle")
 
 
 def test_unknown_preset_lists_the_valid_ones():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .norms import make_act, make_norm
+from .norms import NORM_EPS, make_act, make_norm
 
 
 class ConvNormAct(nn.Sequential):
@@ -21,6 +21,7 @@ class ConvNormAct(nn.Sequential):
         bias: bool = False,
         norm: str = "bn",
         act: str = "silu",
+        eps: float = NORM_EPS,
     ) -> None:
         groups = in_channels if groups == -1 else groups
         super().__init__()
@@ -34,5 +35,5 @@ class ConvNormAct(nn.Sequential):
             groups=groups,
             bias=bias,
         )
-        self.norm = make_norm(norm, out_channels)
+        self.norm = make_norm(norm, out_channels, eps=eps)
         self.act = make_act(act)

@@ -37,7 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..layers import I2RMB, ConvNormAct
+from ..layers import I2RMB, ConvNormAct, InterpConv
 from .backbone import EMOV2_BACKBONE_PRESETS, EMOv2Backbone
 from .segmentation_heads import ASPPHead, FCNHead
 from .segmentation_losses import cross_entropy_dice_loss
@@ -81,10 +81,7 @@ class UpConvBlock(nn.Module):
 
     def __init__(self, deep_channels: int, skip_channels: int, block: nn.Module) -> None:
         super().__init__()
-        self.upsample = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            ConvNormAct(deep_channels, skip_channels, 1, norm="bn", act="relu"),
-        )
+        self.upsample = InterpConv(deep_channels, skip_channels, norm="bn", act="relu")
         self.block = block
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

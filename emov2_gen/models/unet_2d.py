@@ -56,7 +56,9 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
 
     EMOv2-specific config: `expansion_ratios` (e per level), `attention_head_dim` (d_h; int or per
     level), `window_size` (largest SEW-MHSA window), `kernel_size` (depth-wise), `drop_path_rate`
-    (stochastic depth, linear over the encoder+mid+decoder blocks).
+    (stochastic depth, linear over the encoder+mid+decoder blocks). `upsample_type` is UNet2DModel's
+    key with EMOv2 values: 'interp_conv' (the official EMOv2 UNet's upsampler, default) or 'conv'
+    (diffusers' `Upsample2D`).
     """
 
     _supports_gradient_checkpointing = True
@@ -88,6 +90,7 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
         class_embed_type: Optional[str] = None,
         num_class_embeds: Optional[int] = None,
         num_train_timesteps: Optional[int] = None,
+        upsample_type: str = "interp_conv",
     ) -> None:
         super().__init__()
         levels = len(block_out_channels)
@@ -164,7 +167,7 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
                 get_block(
                     block_type, UP_BLOCK_TYPES, reversed_channels[min(i + 1, levels - 1)],
                     reversed_channels[max(i - 1, 0)], reversed_channels[i], time_embed_dim,
-                    add_upsample=i < levels - 1, **kwargs_for(level, layers_per_block + 1),
+                    add_upsample=i < levels - 1, upsample_type=upsample_type, **kwargs_for(level, layers_per_block + 1),
                 )
             )
         self.conv_norm_out = make_norm("ln", ch0, eps=norm_eps)
