@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from emov2_gen.cpu_allocator import add_cpu_allocator_argument, apply_cpu_allocator
 from emov2_gen.evaluation.benchmark import DTYPES, QUICK_SETTINGS, BenchmarkSettings, run_benchmark
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="bf16 runs everything under autocast.")
     parser.add_argument("--channels_last", action="store_true", help="Models and inputs in channels_last layout.")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (slow to start on CPU).")
+    add_cpu_allocator_argument(parser)
     parser.add_argument("--output_dir", required=True)
     return parser.parse_args(argv)
 
@@ -46,6 +48,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    apply_cpu_allocator(args.cpu_allocator)
     models = list(dict.fromkeys(args.models))
     if args.baseline not in models:
         print(f"Adding the baseline {args.baseline!r} to the benchmarked models.")

@@ -5,15 +5,19 @@ r"""Where a denoiser's time goes: aten ops dispatched per forward, and the costl
     python eval/profile_ops.py --models emov2-5m --train     # forward + backward + AdamW step instead
 
 The op count is exact (every aten call, views included: on a GPU at small sizes, latency follows it). The time
-table is `torch.profiler`'s self CPU time per op, averaged over `--repeats` runs after one warm-up.
+table is `torch.profiler`'s self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page
+faults per run (memory the OS had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled
+runs; compare them with `--cpu_allocator default`.
 """
 
 import argparse
 import collections
+import resource
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from emov2_gen.cpu_allocator import add_cpu_allocator_argument, apply_cpu_allocator
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 
 
@@ -39,14 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=12, help="Ops listed per model.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    add_cpu_allocator_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
-    """Print the op count and the top ops per model; return {model: {"ops": count, op name: ms per run}}."""
+    """Print the op count, page faults and top ops per model; return {model: {"ops": count, "page_faults": per run, op name: ms per run}}."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_cpu_allocator(args.cpu_allocator)
     results = {}
     for name in args.models:
         torch.manual_seed(0)
@@ -67,6 +73,10 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         with torch.no_grad(), _OpCounter() as counter:
             model(sample, timestep)
         run()  # warm-up
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(args.repeats):
+            run()
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.repeats
         with torch.profiler.profile() as profile:
             for _ in range(args.repeats):
                 run()
@@ -74,10 +84,10 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         per_run_ms = {e.key: e.self_cpu_time_total / 1e3 / args.repeats for e in events[: args.rows]}
         total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.repeats
         ops = sum(counter.counts.values())
-        results[name] = {"ops": ops, "total_ms": total_ms, **per_run_ms}
+        results[name] = {"ops": ops, "page_faults": faults, "total_ms": total_ms, **per_run_ms}
         mode = "training step" if args.train else "forward"
         print(f"\n{name}: {ops} aten ops per forward; {mode} at batch {args.batch_size}, {args.resolution}², "
-              f"{torch.get_num_threads()} thread(s): {total_ms:.1f} ms self CPU time per run")
+              f"{torch.get_num_threads()} thread(s): {total_ms:.1f} ms self CPU time and {faults:.0f} minor page faults per run")
         print("| op | calls per run | ms per run |\n|---|---|---|")
         calls = {e.key: e.count / args.repeats for e in events}
         for key, ms in per_run_ms.items():

@@ -136,6 +136,7 @@ def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_
     saved = json.loads(json_path.read_text())
     assert saved["baseline"] == "tiny-unet2d"
     assert saved["environment"]["torch_threads"] == 1
+    assert saved["environment"]["cpu_allocator"] in md_path.read_text()  # how memory was allocated, beside the table
     assert [m["name"] for m in saved["models"]] == ["tiny-unet2d", "tiny-emov2"]
     assert saved["models"][1]["class"] == "EMOv2UNet2DModel"
     assert saved["models"][1]["ratios"] == pytest.approx(ratios["tiny-emov2"])
@@ -161,6 +162,7 @@ def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
     assert [m["name"] for m in saved["models"]] == ["unet2d-5m", "emov2-1m"]
     assert saved["settings"]["repeats"] == 2 and saved["settings"]["resolutions"] == [32]
     assert (tmp_path / "benchmark.md").read_text() in printed
+    assert saved["environment"]["cpu_allocator"].startswith("glibc malloc retaining freed memory")  # --cpu_allocator retain
 
 
 def test_model_table_cli(tmp_path, capsys):
@@ -184,7 +186,10 @@ def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):
     train = profile_ops.main(common + ["--train"])["emov2-1m"]
     assert forward["ops"] == train["ops"] > 100  # the count is of one forward either way
     assert "aten::mkldnn_convolution" in forward and "aten::convolution_backward" in train
-    assert len(forward) == 2 + 5 and 0 < max(v for k, v in forward.items() if k != "ops") <= forward["total_ms"]
+    op_ms = {k: v for k, v in forward.items() if k not in ("ops", "page_faults")}
+    assert len(op_ms) == 1 + 5 and 0 < max(op_ms.values()) <= forward["total_ms"]
+    assert forward["page_faults"] >= 0
     printed = capsys.readouterr().out
     assert f"emov2-1m: {forward['ops']} aten ops per forward; forward at batch 1, 16²" in printed
     assert "training step at batch 1" in printed
+    assert f"{forward['page_faults']:.0f} minor page faults per run" in printed

@@ -29,6 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
+from ..cpu_allocator import cpu_allocator_description
 from .flops import FLOP_CONVENTION, count_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -175,7 +176,8 @@ class BenchmarkReport:
             "timed ratios are medians of per-repetition ratios. "
             f"Medians of {s.repeats} interleaved repetitions ({s.sampling_repeats} for sampling) after {s.warmup} "
             f"warm-up; device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
-            f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}.",
+            f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}"
+            + (f"; CPU allocator: {env['cpu_allocator']}." if "cpu_allocator" in env else "."),
             "",
             markdown_table(header, rows),
             "",
@@ -209,7 +211,7 @@ def _format_value(value: float, unit: str) -> str:
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions, device name and torch's intra-op thread count."""
+    """Versions, device name, torch's intra-op thread count and (CPU) how memory is allocated."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -226,6 +228,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
+        **({"cpu_allocator": cpu_allocator_description()} if device.type == "cpu" else {}),
     }
 
 
