@@ -9,8 +9,8 @@ Choices for diffusion (documented deviations from the classifier, see the archit
 - downsampling is EMOv2's stride-2 conv i2RMB (expansion doubled, no residual, no layer scale);
   upsampling is the official EMOv2 UNet's `InterpConv` (bilinear x2, Conv1x1, here LayerNorm + ReLU),
   with the conv run before the interpolation (same function, a quarter of the cost); diffusers'
-  nearest x2 + 3x3 conv `Upsample2D` is available as `upsample_type="conv"` (4x the FLOPs of the
-  whole upsampling path, about a quarter of the EMOv2-5M UNet's FLOPs at 32x32).
+  nearest x2 + 3x3 conv `Upsample2D` remains available as `upsample_type="conv"` (its 3x3 convs at
+  the upsampled size were about a quarter of the EMOv2-5M UNet's FLOPs at 32x32).
 Blocks return/consume skip tensors exactly like diffusers' `DownBlock2D`/`UpBlock2D`.
 """
 
