@@ -1,0 +1,37 @@
+"""eval/gpu_comparison.sh end to end at smoke size on the CPU (SMOKE=1 DEVICE=cpu): both phases, every output."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def run_phase(phase: str, out: Path) -> None:
+    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(MNIST), "STEPS": "2", "BATCH": "2",
+           "NUM_SAMPLES": "4", "SEG_STEPS": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh"), phase], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_gpu_comparison_phases_train_then_score_every_model(tmp_path):
+    run_phase("train", tmp_path)
+    fp32 = json.loads((tmp_path / "benchmark-fp32" / "benchmark.json").read_text())
+    assert [m["name"] for m in fp32["models"]] == ["emov2-1m", "unet2d-5m"]
+    for name in ("emov2-5m", "unet2d-5m"):
+        assert (tmp_path / "mnist" / name / ".done").exists()
+    seg = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert [row["model"] for row in seg["rows"]][:2] == ["unet-emov2-paper", "unet-s5-d16"]
+
+    run_phase("score", tmp_path)
+    fid = json.loads((tmp_path / "mnist" / "fid" / "report.json").read_text())
+    assert [m["name"] for m in fid["models"]] == ["emov2-5m", "unet2d-5m"] and all(m["num_samples"] == 4 for m in fid["models"])
+    bf16 = json.loads((tmp_path / "benchmark-bf16-compiled" / "benchmark.json").read_text())
+    assert bf16["settings"]["dtype"] == "bf16" and bf16["settings"]["channels_last"]
+
+
+def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh")], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score" in result.stderr
