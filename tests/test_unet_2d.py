@@ -276,6 +276,20 @@ def test_save_and_load_pretrained_roundtrip(model, sample, tmp_path):
     torch.testing.assert_close(predict(loaded, sample), predict(model, sample), rtol=0, atol=0)
 
 
+def test_configs_saved_before_upsample_type_load_their_upsample2d_weights(make_tiny_unet, sample, tmp_path):
+    old = activate_conditioning(make_tiny_unet(upsample_type="conv"))
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["upsample_type"]  # what a pipeline saved before the key existed holds
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = EMOv2UNet2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.upsample_type == "conv"
+    torch.testing.assert_close(predict(loaded, sample), predict(old, sample), rtol=0, atol=0)
+    # A config written by hand (no `_class_name`) still gets the current default.
+    del config["_class_name"]
+    assert EMOv2UNet2DModel.from_config(config).config.upsample_type == "interp_conv"
+
+
 def test_drop_path_rate_grows_linearly_over_every_conditioned_layer(make_tiny_unet):
     model = make_tiny_unet(drop_path_rate=0.2, layers_per_block=2)
     blocks = conditioned_blocks(model)  # in module order: encoder, mid block, decoder

@@ -187,6 +187,17 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> tuple:
+        """Saved configs without `upsample_type` predate it and describe `Upsample2D` models: load them as such.
+
+        Without this, diffusers would build the new default upsampler and only warn that the saved upsampler
+        weights are unused and the new ones random -- a silently wrong model.
+        """
+        if "_class_name" in config_dict and "upsample_type" not in config_dict:
+            config_dict = {**config_dict, "upsample_type": "conv"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "EMOv2UNet2DModel":
         """Build a preset (`emov2-1m`, `emov2-2m`, `emov2-5m`, `emov2-20m`); overrides win."""
         if name not in EMOV2_UNET_PRESETS:
