@@ -6,8 +6,8 @@ activations are megabytes each therefore re-faults (zero-fills) its pages on eve
 between about 6k and 49k minor page faults (up to ~190 MB) per batch-16 forward at 32x32, depending on the heap's
 layout (`eval/profile_ops.py --cpu_allocator default` prints them), and because the thresholds drift, a model's
 speed also depended on which models had run earlier in the same process. Fixing both thresholds -- what jemalloc
-or tcmalloc, recommended by PyTorch's CPU performance guide, do in effect -- removes the faults. The price: the process keeps its peak heap
-(and up to 1 GiB of free memory) instead of returning it. Equivalent without code, set before Python starts:
+or tcmalloc, recommended by PyTorch's CPU performance guide, do in effect -- removes the faults. The price: the
+process keeps its peak heap (and up to 1 GiB of free memory) instead of returning it. Equivalent without code, set before Python starts:
 `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`.
 """
 

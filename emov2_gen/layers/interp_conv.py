@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .conv_norm_act import ConvNormAct
+from .norms import NORM_EPS
 
 
 class InterpConv(nn.Sequential):
@@ -22,7 +23,15 @@ class InterpConv(nn.Sequential):
     takes the cheaper one.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "bn", act: str = "relu", eps: float = 1e-6, conv_first: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str = "bn",
+        act: str = "relu",
+        eps: float = NORM_EPS,
+        conv_first: bool = False,
+    ) -> None:
         super().__init__(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             ConvNormAct(in_channels, out_channels, 1, norm=norm, act=act, eps=eps),
