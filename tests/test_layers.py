@@ -344,6 +344,42 @@ def test_layer_norm_2d_normalises_each_pixel_over_channels():
         torch.testing.assert_close(norm(x), expected)
 
 
+@pytest.mark.parametrize("kind", ["silu", "gelu", "relu"])
+def test_inplace_activation_overwrites_its_input_only_when_autograd_is_not_recording(kind):
+    plain, inplace = make_act(kind), make_act(kind, inplace=True)
+    x = torch.randn(2, 4, 3, 3)
+    expected = plain(x)
+    with torch.no_grad():
+        fresh = x.clone()
+        out = inplace(fresh)
+    assert out.data_ptr() == fresh.data_ptr()  # written into its input
+    assert torch.equal(out, expected)
+    # Recording autograd: out of place, the input is left as it was and the gradient is the plain one.
+    leaf = x.clone().requires_grad_()
+    out = inplace(leaf)
+    assert torch.equal(leaf.detach(), x) and torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    leaf_plain = x.clone().requires_grad_()
+    torch.testing.assert_close(grad, torch.autograd.grad(plain(leaf_plain).sum(), leaf_plain)[0], rtol=0, atol=0)
+
+
+def test_i2rmb_inference_equals_the_autograd_forward():
+    """The blocks' in-place activations in inference give exactly the output of the recorded forward."""
+    torch.manual_seed(0)
+    for attention in (False, True):
+        block = I2RMB(16, 24, expansion=3, attention=attention, head_dim=8, window_size=2,
+                      norm="ln", act="gelu", dw_norm="ln", dw_act="gelu", layer_scale_init=None,
+                      conv_shortcut=True, temb_channels=12).eval()
+        x, temb = torch.randn(2, 16, 5, 6), torch.randn(2, 12)
+        with torch.no_grad():
+            block.modulation.linear.weight.normal_()  # a live gate, so the branch reaches the output
+        recorded = block(x, temb)
+        assert recorded.requires_grad
+        with torch.inference_mode():
+            inferred = block(x, temb)
+        assert torch.equal(inferred, recorded.detach())
+
+
 def test_unknown_norm_or_activation_raises():
     with pytest.raises(ValueError, match="Unknown norm 'batch'"):
         make_norm("batch", 8)

@@ -36,4 +36,4 @@ class ConvNormAct(nn.Sequential):
             bias=bias,
         )
         self.norm = make_norm(norm, out_channels, eps=eps)
-        self.act = make_act(act)
+        self.act = make_act(act, inplace=True)  # its input is always the fresh norm/conv output

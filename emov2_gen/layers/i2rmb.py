@@ -103,14 +103,14 @@ class I2RMB(nn.Module):
         self.norm = make_norm(norm, in_channels, eps=norm_eps)
         self.modulation = AdaLNModulation(temb_channels, in_channels, out_channels) if temb_channels else None
         # The expansion; in the attention variant it doubles as the value projection.
-        self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act))
+        self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act, inplace=True))
         self.attn = (
             SEWMHSA(in_channels, head_dim, window_size, num_heads, partitions=partitions, qkv_bias=qkv_bias) if attention else None
         )
         self.dw = nn.Sequential(
             nn.Conv2d(mid, mid, kernel_size, stride=stride, padding=kernel_size // 2, groups=mid, bias=False),
             make_norm(dw_norm, mid, eps=norm_eps),
-            make_act(dw_act),
+            make_act(dw_act, inplace=True),
         )
         # Autograd keeps ReLU's output for its backward, so only then the inner residual may not add into it.
         self.dw_output_unsaved = dw_act != "relu"

@@ -40,8 +40,42 @@ def make_norm(kind: str, channels: int, eps: float = NORM_EPS, affine: bool = Tr
     raise ValueError(f"Unknown norm {kind!r}; expected one of {NORM_TYPES}.")
 
 
-def make_act(kind: str) -> nn.Module:
-    """'silu', 'gelu' (exact erf form, as the official code), 'relu' or 'none'."""
+class InferenceInplaceAct(nn.Module):
+    """SiLU, exact GELU or ReLU that overwrites its input whenever autograd is not recording it.
+
+    For an activation straight after a conv or norm, whose output nothing else reads: in inference
+    (and for inputs that need no gradient) it skips allocating and writing a second tensor of the
+    block's widest activations. While autograd records, it runs out of place, so training and its
+    gradients are exactly those of the plain module. The result is the same either way.
+    """
+
+    _FUNCTIONS = {
+        "silu": (F.silu, torch.ops.aten.silu_),
+        "gelu": (F.gelu, torch.ops.aten.gelu_),
+        "relu": (F.relu, torch.relu_),
+    }
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.function, self.function_ = self._FUNCTIONS[kind]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.function(x)
+        return self.function_(x)
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+def make_act(kind: str, inplace: bool = False) -> nn.Module:
+    """'silu', 'gelu' (exact erf form, as the official code), 'relu' or 'none'.
+
+    `inplace=True` gives an `InferenceInplaceAct`: only for inputs that are fresh temporaries.
+    """
+    if inplace and kind in InferenceInplaceAct._FUNCTIONS:
+        return InferenceInplaceAct(kind)
     if kind == "silu":
         return nn.SiLU()
     if kind == "gelu":
