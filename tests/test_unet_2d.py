@@ -264,6 +264,16 @@ def test_bfloat16_forward_is_close_to_float32(model, sample):
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+def test_layerwise_casting_stores_bfloat16_and_computes_in_float32(model, sample):
+    """diffusers' layerwise casting: the timestep embedding is cast to the hook's compute dtype, not the storage one."""
+    expected = predict(model, sample)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert model.time_embedding.linear_1.weight.dtype == torch.bfloat16
+    out = predict(model, sample)
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_save_and_load_pretrained_roundtrip(model, sample, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()

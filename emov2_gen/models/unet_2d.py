@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
@@ -221,14 +221,16 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
         elif timesteps.ndim == 0:
             timesteps = timesteps[None].to(sample.device)
         timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
-        t_emb = self.time_proj(timesteps).to(dtype=self.dtype)
+        # The dtype the time embedding computes in (its weights', or a layerwise-casting hook's compute dtype).
+        # `self.dtype` answers the same for the whole model but walks every submodule on each call (~1.5 ms here).
+        t_emb = self.time_proj(timesteps).to(dtype=get_parameter_dtype(self.time_embedding))
         emb = self.time_embedding(t_emb)
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError("class_labels should be provided when doing class conditioning.")
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(class_labels)
-            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
+            emb = emb + self.class_embedding(class_labels).to(dtype=emb.dtype)
         elif class_labels is not None:
             raise ValueError("class_labels were given but the model has no class embedding (num_class_embeds is None).")
         return emb, timesteps
