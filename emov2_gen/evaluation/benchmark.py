@@ -287,9 +287,9 @@ class _ModelUnderTest:
         # Counted before compiling: FlopCounterMode does not see inside a compiled graph.
         self.gflops[resolution] = count_gflops(model, resolution, self.settings.in_channels)
         if self.settings.compile:
-            # Static shapes: each case is one fixed shape. With dynamic=None a second batch size or resolution marks
-            # the dims symbolic, and on CPU (torch 2.14) inductor then failed to compile the training step (InductorError on a
-            # symbolic size comparison).
+            # Static shapes: each case is one fixed shape. With dynamic=None a second batch size or resolution
+            # marks the dims symbolic, and on CPU (torch 2.14) inductor then failed to compile the training step
+            # (InductorError on a symbolic size comparison).
             model.compile(dynamic=False)
         return model
 
