@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, InterpConv, LayerNorm2d, make_act, make_norm
-from emov2_gen.layers.sew_mhsa import merge_windows, partition_windows, window_attention
+from emov2_gen.layers.sew_mhsa import merge_windows, partition_both_windows, partition_windows, window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +106,25 @@ def test_merge_windows_inverts_partition_and_returns_channels_last(dilated):
     merged = merge_windows(windows, batch=2, n1=2, n2=4, wh=4, ww=3, dilated=dilated)
     torch.testing.assert_close(merged, x, rtol=0, atol=0)
     assert merged.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_partition_gradient_is_channels_last_like_its_input(groups):
+    """The backward of the partition copy writes the gradient NHWC, as the activations are laid out (training speed)."""
+    x = torch.randn(2, groups * 12, 8, 12)
+    grad = torch.randn(groups * 2 * 2 * 2 * 4, 3, 12, 4)  # (groups*2*B*n1*n2, heads, wh*ww, d)
+
+    def partition(t: torch.Tensor) -> torch.Tensor:
+        return partition_both_windows(t, heads=3, wh=4, ww=3, groups=groups)
+
+    leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    activation = leaf * 1  # a non-leaf, as in the model: its gradient is seen as autograd produced it
+    produced = []
+    activation.register_hook(produced.append)
+    partition(activation).backward(grad)
+    assert produced[0].is_contiguous(memory_format=torch.channels_last)
+    _, expected = torch.autograd.functional.vjp(partition, x, grad)  # same values from an NCHW input
+    torch.testing.assert_close(produced[0], expected, rtol=0, atol=0)
 
 
 def test_invalid_partitions_raise():

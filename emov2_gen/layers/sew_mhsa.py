@@ -34,13 +34,18 @@ def _window_grid(height: int, width: int, window_size: int) -> tuple[int, int, i
 def _window_view(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
     """(B, groups*heads*d, n1*wh, n2*ww) -> view (groups, B, n1, n2, heads, wh, ww, d) in window order (no copy).
 
-    `groups` splits the channels into consecutive tensors first (2 for the q/k projection's [q, k])."""
+    `groups` splits the channels into consecutive tensors first (2 for the q/k projection's [q, k]). The
+    split is taken on the NHWC view: autograd's inverse of the partition copy then writes the gradient
+    channels-last like the activations (d-long contiguous runs), not NCHW (a transposing copy, then reorders
+    in the convolutions' backward).
+    """
     b, c, hp, wp = t.shape
     d, n1, n2 = c // (groups * heads), hp // wh, wp // ww
+    nhwc = t.permute(0, 2, 3, 1)
     if dilated:  # row r = i*n1 + a belongs to window a (stride n1); likewise for columns
-        return t.view(b, groups, heads, d, wh, n1, ww, n2).permute(1, 0, 5, 7, 2, 4, 6, 3)
+        return nhwc.view(b, wh, n1, ww, n2, groups, heads, d).permute(5, 0, 2, 4, 6, 1, 3, 7)
     # row r = a*wh + i belongs to window a (contiguous tile)
-    return t.view(b, groups, heads, d, n1, wh, n2, ww).permute(1, 0, 4, 6, 2, 5, 7, 3)
+    return nhwc.view(b, n1, wh, n2, ww, groups, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
 
 
 def partition_windows(t: torch.Tensor, heads: int, wh: int, ww: int, dilated: bool, groups: int = 1) -> torch.Tensor:
