@@ -273,16 +273,16 @@ def test_torch_compile_matches_eager_forward_and_gradients():
         layers_per_block=1, down_block_types=("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D"),
         up_block_types=("EMOv2AttnUpBlock2D", "EMOv2UpBlock2D"),
     )
-    activate_conditioning(model)
+    activate_conditioning(model).eval()
     compiled = torch.compile(model, dynamic=False)
     sample, timesteps = torch.randn(2, 3, 8, 8), torch.tensor([3, 500])
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(sample, timesteps).sample, model.eval()(sample, timesteps).sample)
+        torch.testing.assert_close(compiled(sample, timesteps).sample, model(sample, timesteps).sample)
     model.train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     eager = torch.autograd.grad(model(sample, timesteps).sample.square().mean(), params)
     graph = torch.autograd.grad(compiled(sample, timesteps).sample.square().mean(), params)
-    for name, expected, got in zip([n for n, _ in model.named_parameters()], eager, graph):
+    for (name, _), expected, got in zip(model.named_parameters(), eager, graph):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
