@@ -12,8 +12,8 @@ import pytest
 from emov2_gen import cpu_allocator
 
 # Minor page faults per batch-16 forward of the EMOv2-1M UNet (after warm-up): the workload the setting is for.
-# glibc's defaults re-fault thousands of pages per forward here (4k-37k measured), retained memory a few hundred
-# at most (0-350; Python's own arenas).
+# glibc's defaults re-fault thousands of pages per forward here in most processes (4k-37k measured; in some, none),
+# retained memory a few hundred at most (0-450; Python's own arenas).
 PROBE = """
 import resource, sys, torch
 from emov2_gen import build_denoiser
@@ -44,11 +44,21 @@ def run_probe(mode: str) -> tuple[bool, int, str]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
 def test_retaining_freed_memory_removes_the_page_faults_of_a_forward():
     retained, faults_retained, described_retained = run_probe("retain")
-    _, faults_default, described_default = run_probe("default")
-    assert retained
-    assert faults_retained <= 1000 and 5 * faults_retained < faults_default, (faults_retained, faults_default)
+    assert retained and faults_retained <= 1000, faults_retained
     assert described_retained.startswith("glibc malloc retaining freed memory (mmap threshold 32 MiB")
+    # Under glibc's defaults, whether a forward's freed activations are trimmed off the heap top (and re-faulted
+    # next time) depends on where small long-lived allocations happened to land: most processes re-fault thousands
+    # of pages per forward, some (about 1 in 4 here) none. Up to five fresh processes, so the comparison does not
+    # hinge on one heap layout.
+    bar = 5 * max(faults_retained, 100)
+    faults_default = []
+    for _ in range(5):
+        _, faults, described_default = run_probe("default")
+        faults_default.append(faults)
+        if faults > bar:
+            break
     assert described_default == "default malloc settings"
+    assert max(faults_default) > bar, (faults_retained, faults_default)
 
 
 def test_description_names_allocator_environment_variables(monkeypatch):
