@@ -28,6 +28,12 @@ def shared_data_dir() -> Path:
     return SHARED_DATA_DIR
 
 
+@pytest.fixture(scope="session")
+def mnist_dir(shared_data_dir) -> Path:
+    """The offline MNIST `datasets` folder (train/test parquet)."""
+    return shared_data_dir / "mnist"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run (a test module) on one torch thread, then restore: on a busy 2-core machine two threads spend most of their time

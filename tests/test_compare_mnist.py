@@ -6,11 +6,10 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
-def run_compare(out: Path, **knobs: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "DATA": str(MNIST), "STEPS": "2", "BATCH": "2", "NUM_SAMPLES": "8",
+def run_compare(out: Path, mnist: Path, **knobs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "DATA": str(mnist), "STEPS": "2", "BATCH": "2", "NUM_SAMPLES": "8",
            "INFERENCE_STEPS": "2", "STAGES": "train fid", "FID_ARGS": "--batch_size 8 --device cpu",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **knobs}  # fmt: skip
     result = subprocess.run(["bash", str(REPO / "eval" / "compare_mnist.sh")], env=env, capture_output=True, text=True)
@@ -18,9 +17,9 @@ def run_compare(out: Path, **knobs: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_compare_mnist_trains_both_models_alike_scores_them_and_resumes(tmp_path):
+def test_compare_mnist_trains_both_models_alike_scores_them_and_resumes(tmp_path, mnist_dir):
     out = tmp_path / "compare"
-    run_compare(out, PARALLEL="1")
+    run_compare(out, mnist_dir, PARALLEL="1")
     report = json.loads((out / "fid" / "report.json").read_text())
     models = {model["name"]: model for model in report["models"]}
     assert list(models) == ["emov2-5m", "unet2d-5m"]
@@ -32,5 +31,5 @@ def test_compare_mnist_trains_both_models_alike_scores_them_and_resumes(tmp_path
         assert (out / f"train_{name}.log").stat().st_size > 0  # PARALLEL=1: one log per model
 
     # A second run finds both models trained and does not train them again.
-    again = run_compare(out, STAGES="train")
+    again = run_compare(out, mnist_dir, STAGES="train")
     assert again.stdout.count("already trained") == 2

@@ -24,7 +24,6 @@ from emov2_gen.evaluation.sampling import generate_images, load_pipeline
 from script_runs import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def tiny_unet(sample_size: int = 16, num_class_embeds=None) -> UNet2DModel:
@@ -77,13 +76,13 @@ class CountingReference(Dataset):
 
 
 @pytest.fixture(scope="module")
-def mnist_scores(tmp_path_factory):
+def mnist_scores(tmp_path_factory, mnist_dir):
     num_images, resolution = 32, (16, 16)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         weights = resolve_inception_weights()
-    reference = CountingReference(ReferenceSet(str(MNIST), "train", num_images).images(resolution, 1))
-    other_real = ReferenceSet(str(MNIST), "test", num_images).images(resolution, 1)
+    reference = CountingReference(ReferenceSet(str(mnist_dir), "train", num_images).images(resolution, 1))
+    other_real = ReferenceSet(str(mnist_dir), "test", num_images).images(resolution, 1)
     generator = torch.Generator().manual_seed(0)
     noise = ImageTensorDataset(torch.randint(0, 256, (num_images, 1, *resolution), dtype=torch.uint8, generator=generator))
     cache = tmp_path_factory.mktemp("fidelity_cache")
@@ -142,8 +141,8 @@ def test_class_conditional_models_need_the_flag_and_get_balanced_labels(model_di
 # --- errors -------------------------------------------------------------------------------------------------------
 
 
-def test_missing_model_dir_is_a_clear_error(tmp_path, model_dirs):
-    settings = FIDSettings(reference=str(MNIST), cache_dir=tmp_path / "cache", num_samples=8)
+def test_missing_model_dir_is_a_clear_error(tmp_path, model_dirs, mnist_dir):
+    settings = FIDSettings(reference=str(mnist_dir), cache_dir=tmp_path / "cache", num_samples=8)
     with pytest.raises(FileNotFoundError, match="not-a-model"):
         evaluate_models([str(tmp_path / "not-a-model")], settings)
     (tmp_path / "no-index").mkdir()
@@ -163,8 +162,8 @@ def test_empty_reference_is_a_clear_error(tmp_path, model_dirs):
         evaluate_models([str(model_dirs["unet2d"])], settings)
 
 
-def test_reference_images_at_their_own_resolution_are_exact(tmp_path):
-    reference = ReferenceSet(str(MNIST), "test", num_images=3)
+def test_reference_images_at_their_own_resolution_are_exact(tmp_path, mnist_dir):
+    reference = ReferenceSet(str(mnist_dir), "test", num_images=3)
     images = reference.images((28, 28), 1)
     keys = {images.key, reference.images((16, 16), 1).key, reference.images((28, 28), 3).key}
     assert len(keys) == 3
@@ -187,11 +186,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_and_score(tmp_path, model_dirs):
+def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_and_score(tmp_path, model_dirs, mnist_dir):
     # The baseline is listed twice: same seed and settings must give it identical samples and scores.
     unet2d, emov2 = str(model_dirs["unet2d"]), str(model_dirs["emov2"])
     output = tmp_path / "report"
-    result = run_cli("--model_dirs", unet2d, emov2, unet2d, "--reference", str(MNIST), "--split", "test",
+    result = run_cli("--model_dirs", unet2d, emov2, unet2d, "--reference", str(mnist_dir), "--split", "test",
                      "--num_samples", "16", "--num_inference_steps", "2", "--scheduler", "ddim", "--seed", "3",
                      "--output_dir", str(output))  # fmt: skip
 
@@ -227,9 +226,9 @@ def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_an
     assert all(row in result.stdout for row in table_rows)
 
 
-def test_anchor_script_puts_real_images_far_below_noise_on_the_reference_scale(tmp_path, capsys):
+def test_anchor_script_puts_real_images_far_below_noise_on_the_reference_scale(tmp_path, capsys, mnist_dir):
     anchors = load_script(REPO / "eval" / "fid_anchors.py")
-    common = ["--reference", str(MNIST), "--num_samples", "24", "--resolution", "16", "--output_dir", str(tmp_path)]
+    common = ["--reference", str(mnist_dir), "--num_samples", "24", "--resolution", "16", "--output_dir", str(tmp_path)]
     with pytest.raises(ValueError, match="must differ"):
         anchors.main(common + ["--split", "test", "--other_split", "test"])
 

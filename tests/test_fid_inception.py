@@ -21,29 +21,27 @@ from emov2_gen.evaluation.inception import (
     torch_fidelity_weights_path,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def converted_weights() -> Path:
     return fid_helper_inception_weights()
 
 
-def _test_images() -> torch.Tensor:
+def _test_images(mnist_dir: Path) -> torch.Tensor:
     """Four uint8 299x299 RGB images: two MNIST digits (upscaled), a gradient and uniform noise."""
-    mnist = load_dataset(str(SHARED_DATA / "mnist"), split="test")
+    mnist = load_dataset(str(mnist_dir), split="test")
     digits = [np.asarray(mnist[i]["image"].convert("RGB").resize((299, 299), Image.BILINEAR)) for i in range(2)]
     gradient = np.broadcast_to(np.linspace(0, 255, 299, dtype=np.uint8)[None, :, None], (299, 299, 3))
     noise = np.random.default_rng(0).integers(0, 256, (299, 299, 3), dtype=np.uint8)
     return torch.from_numpy(np.stack([*digits, gradient, noise])).permute(0, 3, 1, 2).contiguous()
 
 
-def test_converted_weights_give_the_torchscript_features(converted_weights):
+def test_converted_weights_give_the_torchscript_features(converted_weights, mnist_dir):
     # torch-fidelity loads the file with a strict `load_state_dict`: a missing or misnamed key raises here.
     extractor = FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(converted_weights)
     )
-    images = _test_images()
+    images = _test_images(mnist_dir)
     (ours,) = extractor(images)
     with torch.no_grad():
         reference = load_fid_helper_torchscript()((images.float() - 128) / 128)

@@ -6,18 +6,17 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
-def run_phase(phase: str, out: Path) -> None:
-    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(MNIST), "STEPS": "2", "BATCH": "2",
+def run_phase(phase: str, out: Path, mnist: Path) -> None:
+    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(mnist), "STEPS": "2", "BATCH": "2",
            "NUM_SAMPLES": "4", "SEG_STEPS": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh"), phase], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
-def test_gpu_comparison_phases_train_then_score_every_model(tmp_path):
-    run_phase("train", tmp_path)
+def test_gpu_comparison_phases_train_then_score_every_model(tmp_path, mnist_dir):
+    run_phase("train", tmp_path, mnist_dir)
     fp32 = json.loads((tmp_path / "benchmark-fp32" / "benchmark.json").read_text())
     assert [m["name"] for m in fp32["models"]] == ["emov2-1m", "unet2d-5m"]
     for name in ("emov2-5m", "unet2d-5m"):
@@ -25,7 +24,7 @@ def test_gpu_comparison_phases_train_then_score_every_model(tmp_path):
     seg = json.loads((tmp_path / "seg" / "results.json").read_text())
     assert [row["model"] for row in seg["rows"]][:2] == ["unet-emov2-paper", "unet-s5-d16"]
 
-    run_phase("score", tmp_path)
+    run_phase("score", tmp_path, mnist_dir)
     fid = json.loads((tmp_path / "mnist" / "fid" / "report.json").read_text())
     assert [m["name"] for m in fid["models"]] == ["emov2-5m", "unet2d-5m"] and all(m["num_samples"] == 4 for m in fid["models"])
     bf16 = json.loads((tmp_path / "benchmark-bf16-compiled" / "benchmark.json").read_text())

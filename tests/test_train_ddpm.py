@@ -35,7 +35,6 @@ from script_runs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 TRAIN_SCRIPT = REPO / "train" / "train_ddpm.py"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -213,13 +212,13 @@ def test_class_conditional_training_saves_a_guidance_pipeline_loadable_as_custom
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), reference, atol=1e-6)
 
 
-def test_trains_on_mnist_from_a_local_datasets_folder_in_bf16(tmp_path, tiny_config, caplog):
+def test_trains_on_mnist_from_a_local_datasets_folder_in_bf16(tmp_path, tiny_config, caplog, mnist_dir):
     out = tmp_path / "mnist"
     caplog.set_level(logging.INFO)
-    run_training(quick_args(out, tiny_config, "--dataset_name", str(SHARED_DATA / "mnist"), "--cache_dir",
+    run_training(quick_args(out, tiny_config, "--dataset_name", str(mnist_dir), "--cache_dir",
                             str(tmp_path / "cache"), "--center_crop", "--prediction_type", "sample",
                             "--mixed_precision", "bf16"))
-    assert f"dataset {SHARED_DATA / 'mnist'}" in caplog.text
+    assert f"dataset {mnist_dir}" in caplog.text
     unet = UNet2DModel.from_pretrained(out, subfolder="unet")
     assert unet.config.in_channels == 1 and unet.config.sample_size == 8
     assert all(torch.isfinite(p).all() for p in unet.parameters())
