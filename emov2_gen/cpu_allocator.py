@@ -3,11 +3,12 @@
 glibc serves large allocations with fresh mmap'd pages and hands free memory at the top of the heap back to the
 OS, both above thresholds that move with what was freed before (128 KiB rising to at most 32 MiB). A network whose
 activations are megabytes each therefore re-faults (zero-fills) its pages on every forward: the EMOv2-5M UNet took
-thousands to tens of thousands of minor page faults per batch-16 forward at 32x32, varying with the heap's
-layout (in an occasional process, none) (`eval/profile_ops.py --cpu_allocator default` prints them), and because the thresholds drift, a model's
-speed also depended on which models had run earlier in the same process. Fixing both thresholds -- what jemalloc
-or tcmalloc, recommended by PyTorch's CPU performance guide, do in effect -- removes the faults. The price: the
-process keeps its peak heap (and up to 1 GiB of free memory) instead of returning it. Equivalent without code, set before Python starts:
+thousands to tens of thousands of minor page faults per batch-16 forward at 32x32, varying with the heap's layout
+(in an occasional process none; `eval/profile_ops.py --cpu_allocator default` prints them), and because the
+thresholds drift, a model's speed also depended on which models had run earlier in the same process. Fixing both
+thresholds -- what jemalloc or tcmalloc, recommended by PyTorch's CPU performance guide, do in effect -- removes the
+faults. The price: the process keeps its peak heap (and up to 1 GiB of free memory) instead of returning it.
+Equivalent without code, set before Python starts:
 `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`.
 """
 
