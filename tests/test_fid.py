@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,15 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch.utils.data import Dataset
 
 from emov2_gen import build_denoiser
-from emov2_gen.evaluation.fid import FIDSettings, evaluate_models, fidelity_metrics, kid_subset_size
+from emov2_gen.evaluation.fid import (
+    FIDSettings,
+    ModelSamples,
+    evaluate_models,
+    fidelity_metrics,
+    kid_subset_size,
+    sample_models,
+    score_models,
+)
 from emov2_gen.evaluation.inception import resolve_inception_weights
 from emov2_gen.evaluation.inception_inputs import ImageTensorDataset
 from emov2_gen.evaluation.reference import ReferenceImages, ReferenceSet
@@ -224,6 +233,66 @@ def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_an
         "| unet2d-tiny-2",
     ]
     assert all(row in result.stdout for row in table_rows)
+
+
+# --- sampling on one machine, scoring on another -------------------------------------------------------------------
+
+
+def test_samples_saved_by_samples_only_score_exactly_as_a_one_step_run(tmp_path, model_dirs, mnist_dir):
+    dirs = [str(model_dirs["unet2d"]), str(model_dirs["emov2"])]
+    sampling = ("--num_samples", "8", "--num_inference_steps", "2", "--scheduler", "ddpm", "--seed", "5")
+    result = run_cli("--model_dirs", *dirs, *sampling, "--samples_only", "--output_dir", str(tmp_path / "drawn"))
+    files = sorted((tmp_path / "drawn" / "samples").glob("*.pt"))
+    assert [f.name for f in files] == ["emov2-tiny.pt", "unet2d-tiny.pt"]
+    assert (tmp_path / "drawn" / "samples_emov2-tiny.png").stat().st_size > 0
+    assert not (tmp_path / "drawn" / "report.json").exists() and "8 samples" in result.stdout
+
+    # Scored elsewhere: the sampling settings come from the files, not from defaults (N 1000, DDIM, 50 steps).
+    run_cli("--samples", *map(str, files), "--reference", str(mnist_dir), "--split", "test",
+            "--output_dir", str(tmp_path / "scored"))  # fmt: skip
+    scored = json.loads((tmp_path / "scored" / "report.json").read_text())
+    assert scored["settings"]["num_samples"] == 8 and scored["settings"]["scheduler"] == "ddpm"
+
+    settings = FIDSettings(reference=str(mnist_dir), split="test", cache_dir=tmp_path / "cache", num_samples=8,
+                           num_inference_steps=2, scheduler="ddpm", seed=5, verbose=False)  # fmt: skip
+    one_step = {score.name: score for score in evaluate_models(dirs, settings).scores}
+    for model in scored["models"]:
+        reference = one_step[model["name"]]
+        assert model["num_samples"] == model["num_reference"] == 8 and model["sampler"] == "DDPMScheduler"
+        for key in ("fid", "kid_mean", "precision", "recall", "parameters", "gflops_per_forward", "reference_key"):
+            assert model[key] == getattr(reference, key), key
+
+
+def test_samples_files_are_checked_before_scoring(tmp_path, model_dirs, mnist_dir):
+    settings = FIDSettings(reference=str(mnist_dir), split="test", cache_dir=tmp_path / "cache", num_samples=4,
+                           num_inference_steps=1, verbose=False)  # fmt: skip
+    (drawn,) = sample_models([str(model_dirs["unet2d"])], settings)
+    path = drawn.save(tmp_path / "unet2d.pt")
+    assert torch.equal(ModelSamples.load(path).images, drawn.images)
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable samples file"):
+        ModelSamples.load(corrupt)
+    torch.save({"images": drawn.images}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a samples file"):
+        ModelSamples.load(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ModelSamples.load(tmp_path / "missing.pt")
+
+    other_seed = ModelSamples(replace(drawn.info, name="other"), drawn.images, {**drawn.sampling, "seed": 1})
+    with pytest.raises(ValueError, match="different settings"):
+        score_models([drawn, other_seed], settings)
+    with pytest.raises(ValueError, match="same model name"):
+        score_models([drawn, drawn], settings)
+
+
+def test_cli_rejects_scoring_without_a_reference_and_resampling_saved_samples(tmp_path):
+    for args, message in ((["--model_dirs", "a"], "--reference is required"),
+                          (["--samples", "a.pt", "--samples_only"], "give --model_dirs")):  # fmt: skip
+        result = subprocess.run([sys.executable, str(REPO / "eval" / "fid.py"), *args, "--output_dir", str(tmp_path)],
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr
 
 
 def test_anchor_script_puts_real_images_far_below_noise_on_the_reference_scale(tmp_path, capsys, mnist_dir):

@@ -6,6 +6,10 @@ at the model's resolution. Reference Inception features are cached by torch-fide
 the reference key (source, split, N, resolution, colour mode) and the Inception weights' hash, so later runs and
 other models at the same resolution reuse them.
 
+Sampling and scoring are separate steps (`sample_models`, `score_models`) so that a machine without the Inception
+weights (a GPU node with no hub access, say) can draw the samples and save them (`ModelSamples.save`) and another
+machine can score them later, with the same result as scoring where they were drawn.
+
 Precision/recall are computed in the same Inception pool3 feature space (k=3 neighbourhoods), not with the VGG16
 features of Kynkäänniemi et al. The Inception Score is not computed: the offline weights have no logits.
 """
@@ -15,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch_fidelity
@@ -34,6 +38,9 @@ KID_MAX_SUBSET_SIZE = 1000
 PRC_NEIGHBORHOOD = 3
 MIN_SAMPLES = PRC_NEIGHBORHOOD + 1
 GRID_SAMPLES = 64
+SAMPLES_FORMAT = "emov2_gen.fid.samples/1"
+# The settings that decide what the samples are; samples scored together must agree on them.
+SAMPLING_SETTINGS = ("num_samples", "num_inference_steps", "scheduler", "seed", "class_conditional")
 
 
 @dataclass
@@ -55,8 +62,8 @@ class FIDSettings:
 
 
 @dataclass
-class ModelScore:
-    """One model's row of the report."""
+class SampleInfo:
+    """What a report row says about a model and how it was sampled: everything but the scores."""
 
     name: str
     path: str
@@ -70,10 +77,16 @@ class ModelScore:
     sampler: str
     num_inference_steps: int
     num_samples: int
-    num_reference: int
     seed: int
     device: str
     seconds_per_image: float
+
+
+@dataclass
+class ModelScore(SampleInfo):
+    """One model's row of the report."""
+
+    num_reference: int
     fid: float
     kid_mean: float
     kid_std: float
@@ -83,6 +96,43 @@ class ModelScore:
     inception_weights: str
     reference_key: str
     reference_cache_name: str
+
+
+@dataclass
+class ModelSamples:
+    """One model's samples (uint8 (N, C, H, W)), its report fields, and the settings that drew them.
+
+    `save`/`load` keep them in one torch file (tensors and plain values only, loaded with `weights_only=True`).
+    """
+
+    info: SampleInfo
+    images: torch.Tensor
+    sampling: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": SAMPLES_FORMAT, "info": asdict(self.info), "sampling": self.sampling}
+        torch.save({**payload, "images": self.images.contiguous()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelSamples:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Samples file not found: {path}.")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or foreign files fail in many ways inside torch.load
+            raise ValueError(f"{path} is not a readable samples file ({type(error).__name__}: {error}).") from error
+        if not isinstance(data, dict) or data.get("format") != SAMPLES_FORMAT:
+            raise ValueError(f"{path} is not a samples file written by eval/fid.py --samples_only ({SAMPLES_FORMAT}).")
+        info = SampleInfo(**data["info"])
+        images = data["images"]
+        expected = (info.num_samples, info.in_channels, *info.resolution)
+        if images.dtype != torch.uint8 or tuple(images.shape) != expected:
+            raise ValueError(f"{path}: expected uint8 images of shape {expected}, got {images.dtype} {tuple(images.shape)}.")
+        return cls(info, images, data["sampling"])
 
 
 @dataclass
@@ -159,18 +209,15 @@ def _model_names(model_dirs: list[str]) -> list[str]:
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
-def evaluate_model(
-    model_dir: str, name: str, settings: FIDSettings, reference: ReferenceSet, weights: InceptionWeights
-) -> tuple[ModelScore, torch.Tensor]:
-    """Sample one model and score it; returns its report row and its samples."""
+def sample_model(model_dir: str, name: str, settings: FIDSettings) -> ModelSamples:
+    """Draw one model's samples with the settings' sampler and seeds, and describe the model for the report."""
     pipeline = load_pipeline(model_dir, settings.scheduler)
     unet = pipeline.unet.to(settings.device)
     resolution = sample_resolution(unet)
-    reference_images = reference.images(resolution, unet.config.in_channels)
     gflops = count_gflops(unet, resolution, unet.config.in_channels)  # also warms up the model before timing
 
     start = time.perf_counter()
-    samples = generate_images(
+    images = generate_images(
         pipeline,
         num_samples=settings.num_samples,
         num_inference_steps=settings.num_inference_steps,
@@ -181,16 +228,7 @@ def evaluate_model(
         description=f"sampling {name}",
     )
     seconds_per_image = (time.perf_counter() - start) / settings.num_samples
-    metrics = fidelity_metrics(
-        ImageTensorDataset(samples),
-        reference_images,
-        weights,
-        settings.cache_dir,
-        device=settings.device,
-        batch_size=settings.batch_size,
-        verbose=settings.verbose,
-    )
-    score = ModelScore(
+    info = SampleInfo(
         name=name,
         path=str(Path(model_dir).resolve()),
         model_class=f"{type(unet).__module__}.{type(unet).__name__}",
@@ -203,20 +241,39 @@ def evaluate_model(
         sampler=type(pipeline.scheduler).__name__,
         num_inference_steps=settings.num_inference_steps,
         num_samples=settings.num_samples,
-        num_reference=len(reference_images),
         seed=settings.seed,
         device=str(settings.device),
         seconds_per_image=seconds_per_image,
+    )
+    return ModelSamples(info, images, {key: getattr(settings, key) for key in SAMPLING_SETTINGS})
+
+
+def score_samples(
+    samples: ModelSamples, settings: FIDSettings, reference: ReferenceSet, weights: InceptionWeights
+) -> ModelScore:
+    """Score one model's samples against the reference images at its resolution and colour mode."""
+    reference_images = reference.images(tuple(samples.info.resolution), samples.info.in_channels)
+    metrics = fidelity_metrics(
+        ImageTensorDataset(samples.images),
+        reference_images,
+        weights,
+        settings.cache_dir,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        verbose=settings.verbose,
+    )
+    return ModelScore(
+        **{f.name: getattr(samples.info, f.name) for f in fields(SampleInfo)},
+        num_reference=len(reference_images),
         inception_weights=weights.description,
         reference_key=reference_images.key,
         reference_cache_name=reference_cache_name(reference_images.key, weights),
         **metrics,
     )
-    return score, samples
 
 
-def evaluate_models(model_dirs: list[str], settings: FIDSettings) -> FIDEvaluation:
-    """Evaluate every model folder with the same settings, reference subset and Inception weights."""
+def sample_models(model_dirs: list[str], settings: FIDSettings) -> list[ModelSamples]:
+    """Sample every model folder with the same settings (no scoring: no reference or Inception weights needed)."""
     if not model_dirs:
         raise ValueError("Give at least one model directory.")
     missing = [d for d in model_dirs if not Path(d).is_dir()]
@@ -224,11 +281,48 @@ def evaluate_models(model_dirs: list[str], settings: FIDSettings) -> FIDEvaluati
         raise FileNotFoundError(f"Model directories not found: {', '.join(missing)}.")
     if settings.num_samples < MIN_SAMPLES:
         raise ValueError(f"num_samples must be at least {MIN_SAMPLES}, got {settings.num_samples}.")
+    return [sample_model(d, name, settings) for d, name in zip(model_dirs, _model_names(model_dirs))]
+
+
+def _scoring_inputs(settings: FIDSettings) -> tuple[ReferenceSet, InceptionWeights]:
+    """The reference subset (N images) and the Inception weights, resolved before any sampling so bad ones fail fast."""
     reference = ReferenceSet(settings.reference, split=settings.split, num_images=settings.num_samples)
-    weights = resolve_inception_weights(settings.inception_weights)
+    return reference, resolve_inception_weights(settings.inception_weights)
+
+
+def score_models(samples: list[ModelSamples], settings: FIDSettings) -> FIDEvaluation:
+    """Score samples drawn by `sample_models` (here or on another machine) against one reference subset.
+
+    The sampling settings (N, sampler, steps, seed, class conditioning) are taken from the samples, which must all
+    agree on them; `settings` supplies the reference, the Inception weights and where to score.
+    """
+    if not samples:
+        raise ValueError("Give at least one samples file.")
+    sampling = samples[0].sampling
+    for other in samples[1:]:
+        if other.sampling != sampling:
+            raise ValueError(
+                f"Samples drawn with different settings cannot be compared: {samples[0].info.name} {sampling} vs "
+                f"{other.info.name} {other.sampling}."
+            )
+    names = [s.info.name for s in samples]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Two samples files hold the same model name: {names}.")
+    settings = replace(settings, **sampling)
+    return _score_all(samples, settings, *_scoring_inputs(settings))
+
+
+def _score_all(
+    samples: list[ModelSamples], settings: FIDSettings, reference: ReferenceSet, weights: InceptionWeights
+) -> FIDEvaluation:
     evaluation = FIDEvaluation(settings, weights, reference.description, scores=[])
-    for model_dir, name in zip(model_dirs, _model_names(model_dirs)):
-        score, samples = evaluate_model(model_dir, name, settings, reference, weights)
-        evaluation.scores.append(score)
-        evaluation.samples[name] = samples[:GRID_SAMPLES]
+    for model in samples:
+        evaluation.scores.append(score_samples(model, settings, reference, weights))
+        evaluation.samples[model.info.name] = model.images[:GRID_SAMPLES]
     return evaluation
+
+
+def evaluate_models(model_dirs: list[str], settings: FIDSettings) -> FIDEvaluation:
+    """Sample and score every model folder with the same settings, reference subset and Inception weights."""
+    scoring = _scoring_inputs(settings)
+    return _score_all(sample_models(model_dirs, settings), settings, *scoring)

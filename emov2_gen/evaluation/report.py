@@ -8,11 +8,12 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 from torchvision.utils import save_image
 
 from .benchmark import markdown_table
-from .fid import FIDEvaluation, ModelScore
+from .fid import GRID_SAMPLES, FIDEvaluation, ModelScore
 from .flops import FLOP_CONVENTION
 
 PLOT_NAME = "fid_vs_cost.png"
@@ -20,6 +21,13 @@ PLOT_NAME = "fid_vs_cost.png"
 
 def sample_grid_name(model_name: str) -> str:
     return "samples_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name) + ".png"
+
+
+def save_sample_grid(samples: torch.Tensor, path: Path) -> Path:
+    """A square-ish grid of the first `GRID_SAMPLES` uint8 (N, C, H, W) samples."""
+    samples = samples[:GRID_SAMPLES]
+    save_image(samples.float() / 255, path, nrow=math.ceil(math.sqrt(len(samples))))
+    return path
 
 
 def report_dict(evaluation: FIDEvaluation) -> dict:
@@ -70,7 +78,7 @@ def markdown_report(evaluation: FIDEvaluation) -> str:
         "",
         f"- Reference: {evaluation.reference_description}, {evaluation.scores[0].num_reference} images",
         f"- Sampler: {settings.scheduler}, {settings.num_inference_steps} steps, seed {settings.seed}, "
-        f"device {settings.device}",
+        f"sampled on {evaluation.scores[0].device}, scored on {settings.device}",
         f"- Inception weights: {evaluation.weights.description}",
         f"- FLOPs: {FLOP_CONVENTION}",
         "",
@@ -108,8 +116,6 @@ def write_reports(evaluation: FIDEvaluation, output_dir: str | Path) -> dict[str
     paths["json"].write_text(json.dumps(report_dict(evaluation), indent=2) + "\n")
     paths["markdown"].write_text(markdown_report(evaluation))
     for name, samples in evaluation.samples.items():
-        grid_path = output_dir / sample_grid_name(name)
-        save_image(samples.float() / 255, grid_path, nrow=math.ceil(math.sqrt(len(samples))))
-        paths[f"grid:{name}"] = grid_path
+        paths[f"grid:{name}"] = save_sample_grid(samples, output_dir / sample_grid_name(name))
     plot_fid_vs_cost(evaluation.scores, paths["plot"])
     return paths
