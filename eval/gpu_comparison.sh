@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# The larger versions of the comparisons, sized for one GPU (an H100 when one is lent; see README).
+# The larger versions of the comparisons, sized for one GPU lent for 15 minutes (an H100 here; see README).
 #
-#   bash eval/gpu_comparison.sh train   # GPU speed benchmark of every preset (fp32, GPU idle), then the
-#                                       # MNIST pair (eval/compare_mnist.sh, bf16, both at once) and the
-#                                       # paper-sized segmentation pair (eval/seg_benchmark.py) together
-#   bash eval/gpu_comparison.sh score   # finishes any interrupted training, FID of the MNIST pair
-#                                       # (NUM_SAMPLES, DDIM-50), and a bf16 + channels_last + compiled
-#                                       # benchmark of the two 5M models
+#   bash eval/gpu_comparison.sh train     # on the GPU: speed benchmark of every preset (fp32, GPU idle), the MNIST
+#                                         # pair (eval/compare_mnist.sh: bf16, both at once, then NUM_SAMPLES
+#                                         # DDIM-50 samples each, saved by eval/fid.py --samples_only) and, with
+#                                         # SEG_STEPS > 0, the paper-sized segmentation pair beside it
+#   bash eval/gpu_comparison.sh score     # anywhere with the Inception weights, a CPU too: FID/KID/precision/recall
+#                                         # of the saved samples against MNIST train (eval/fid.py --samples)
+#   bash eval/gpu_comparison.sh compiled  # on the GPU: bf16 + channels_last + torch.compile benchmark of the 5M pair
 #
-# The two phases exist so that each fits in one call of a time-limited GPU lease; run them back to back.
-# Knobs: OUT, DATA, STEPS, BATCH, NUM_SAMPLES, SEG_STEPS, INCEPTION (weights file for FID), DEVICE, COMPILE_TIMEOUT,
-# SMOKE=1 (tiny sizes, for checking the script on a CPU).
+# Sampling and scoring are split so that the GPU needs neither the Inception weights (95 MB, more than a lease
+# carries beside the data) nor the time to score. Knobs: OUT, DATA, STEPS, BATCH, NUM_SAMPLES, SEG_STEPS, INCEPTION
+# (weights file for FID), DEVICE, SCORE_DEVICE, COMPILE_TIMEOUT, SMOKE=1 (tiny sizes, for checking on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-outputs/gpu}
 DATA=${DATA:-../shared/data/mnist}
-STEPS=${STEPS:-4000}
+STEPS=${STEPS:-2500}
 BATCH=${BATCH:-128}
 NUM_SAMPLES=${NUM_SAMPLES:-5000}
-SEG_STEPS=${SEG_STEPS:-2000}
+SEG_STEPS=${SEG_STEPS:-0}
 DEVICE=${DEVICE:-cuda}
 bench=(--device "$DEVICE")
 seg=(--crop_size 128 --synthetic_size 256 256 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
@@ -37,16 +38,23 @@ mnist=(env OUT="$OUT/mnist" DATA="$DATA" STEPS="$STEPS" BATCH="$BATCH" NUM_SAMPL
 case "${1:-}" in
   train)
     python eval/benchmark.py "${bench[@]}" --output_dir "$OUT/benchmark-fp32"
-    python eval/seg_benchmark.py --models unet-emov2-paper unet-s5-d16 --jobs 2 --threads 4 \
-      --max_train_steps "$SEG_STEPS" "${seg[@]}" --output_dir "$OUT/seg" > "$OUT/seg.log" 2>&1 &
-    seg_pid=$!
-    "${mnist[@]}" STAGES=train bash eval/compare_mnist.sh
-    wait "$seg_pid"
+    seg_pid=
+    if [ "$SEG_STEPS" -gt 0 ]; then
+      python eval/seg_benchmark.py --models unet-emov2-paper unet-s5-d16 --jobs 2 --threads 4 \
+        --max_train_steps "$SEG_STEPS" "${seg[@]}" --output_dir "$OUT/seg" > "$OUT/seg.log" 2>&1 &
+      seg_pid=$!
+    fi
+    "${mnist[@]}" STAGES="train fid" FID_ARGS="--samples_only --batch_size $fid_batch --device $DEVICE" \
+      bash eval/compare_mnist.sh
+    [ -z "$seg_pid" ] || wait "$seg_pid"
     ;;
   score)
-    "${mnist[@]}" STAGES="train fid" \
-      FID_ARGS="--batch_size $fid_batch --device $DEVICE ${INCEPTION:+--inception-weights $INCEPTION}" \
-      bash eval/compare_mnist.sh
+    score_device=${SCORE_DEVICE:-$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+    python eval/fid.py --samples "$OUT"/mnist/fid/samples/*.pt --reference "$DATA" --split train \
+      --batch_size "$fid_batch" --device "$score_device" ${INCEPTION:+--inception-weights "$INCEPTION"} \
+      --output_dir "$OUT/mnist/fid"
+    ;;
+  compiled)
     compiled=(--dtype bf16 --channels_last --compile)
     [ "$DEVICE" = cpu ] && compiled=(--dtype bf16 --channels_last)
     # Compilation per input shape can take minutes: bounded so that the phase still ends in time.
@@ -54,7 +62,7 @@ case "${1:-}" in
       "${compiled[@]}" --output_dir "$OUT/benchmark-bf16-compiled" || echo "compiled benchmark did not finish"
     ;;
   *)
-    echo "usage: bash eval/gpu_comparison.sh train|score" >&2
+    echo "usage: bash eval/gpu_comparison.sh train|score|compiled" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,4 @@
-"""eval/gpu_comparison.sh end to end at smoke size on the CPU (SMOKE=1 DEVICE=cpu): both phases, every output."""
+"""eval/gpu_comparison.sh end to end at smoke size on the CPU (SMOKE=1 DEVICE=cpu): every phase, every output."""
 
 import json
 import os
@@ -21,16 +21,21 @@ def test_gpu_comparison_phases_train_then_score_every_model(tmp_path, mnist_dir)
     assert [m["name"] for m in fp32["models"]] == ["emov2-1m", "unet2d-5m"]
     for name in ("emov2-5m", "unet2d-5m"):
         assert (tmp_path / "mnist" / name / ".done").exists()
+        assert (tmp_path / "mnist" / "fid" / "samples" / f"{name}.pt").stat().st_size > 0
+    assert not (tmp_path / "mnist" / "fid" / "report.json").exists()  # the train phase only samples
     seg = json.loads((tmp_path / "seg" / "results.json").read_text())
     assert [row["model"] for row in seg["rows"]][:2] == ["unet-emov2-paper", "unet-s5-d16"]
 
     run_phase("score", tmp_path, mnist_dir)
     fid = json.loads((tmp_path / "mnist" / "fid" / "report.json").read_text())
     assert [m["name"] for m in fid["models"]] == ["emov2-5m", "unet2d-5m"] and all(m["num_samples"] == 4 for m in fid["models"])
+    assert all(m["device"] == "cpu" and m["reference_key"].endswith("|split=train|n=4|32x32|L") for m in fid["models"])
+
+    run_phase("compiled", tmp_path, mnist_dir)
     bf16 = json.loads((tmp_path / "benchmark-bf16-compiled" / "benchmark.json").read_text())
     assert bf16["settings"]["dtype"] == "bf16" and bf16["settings"]["channels_last"]
 
 
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh")], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score" in result.stderr
+    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled" in result.stderr
