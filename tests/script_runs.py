@@ -10,6 +10,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
+from emov2_gen.evaluation.training_logs import read_scalars
+
 
 def load_script(path: Path) -> ModuleType:
     """Import a script (e.g. train/train_seg.py) as a module named after its file."""
@@ -65,13 +67,5 @@ def checkpoint_names(output_dir: Path) -> list[str]:
 
 
 def tensorboard_scalars(logging_dir: Path) -> dict[str, list[float]]:
-    """Every scalar logged under `logging_dir`, by tag, in logging order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[float]] = {}
-    for events in logging_dir.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(event.value for event in accumulator.Scalars(tag))
-    return scalars
+    """Every scalar logged under `logging_dir`, by tag, in step order."""
+    return {tag: [value for _, value in events] for tag, events in read_scalars(logging_dir).items()}
