@@ -31,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="Timed repetitions per measurement (default 5; 2 with --quick).")
     parser.add_argument("--sampling_repeats", type=int, default=None, help="Timed DDIM runs per model (default 1).")
+    parser.add_argument(
+        "--batch_sizes", type=int, nargs="+", default=None,
+        help="Forward batch sizes (default 1 16). Large ones (e.g. 256) show a GPU's memory-bound regime.",
+    )  # fmt: skip
+    parser.add_argument("--sampling_batch_size", type=int, default=None, help="DDIM batch size (default 16).")
     parser.add_argument("--in_channels", type=int, default=3)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice, one per core)."
@@ -54,7 +59,12 @@ def main(argv=None) -> None:
         print(f"Adding the baseline {args.baseline!r} to the benchmarked models.")
         models.insert(0, args.baseline)
     base = QUICK_SETTINGS if args.quick else BenchmarkSettings()
-    overrides = {"repeats": args.repeats, "sampling_repeats": args.sampling_repeats}
+    overrides = {
+        "repeats": args.repeats,
+        "sampling_repeats": args.sampling_repeats,
+        "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+        "sampling_batch_size": args.sampling_batch_size,
+    }
     settings = dataclasses.replace(
         base,
         **{key: value for key, value in overrides.items() if value is not None},

@@ -165,6 +165,16 @@ def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
     assert saved["environment"]["cpu_allocator"].startswith("glibc malloc retaining freed memory")  # --cpu_allocator retain
 
 
+def test_benchmark_cli_takes_batch_sizes_for_the_forward_and_sampling_columns(tmp_path, capsys):
+    eval_script("benchmark").main(["--models", "unet2d-5m", "--quick", "--threads", "1", "--batch_sizes", "2", "3",
+                                   "--sampling_batch_size", "2", "--output_dir", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["settings"]["batch_sizes"] == [2, 3] and saved["settings"]["sampling_batch_size"] == 2
+    values = saved["models"][0]["values"]
+    assert {"forward_ms_bs2_32px", "forward_ms_bs3_32px"} <= values.keys() and "forward_ms_bs4_32px" not in values
+    assert "fwd bs3 32²" in capsys.readouterr().out and "DDIM-5 bs2" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_model_table_cli(tmp_path, capsys):
     out = tmp_path / "table.json"
     eval_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
