@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -263,7 +263,7 @@ def score_samples(
         verbose=settings.verbose,
     )
     return ModelScore(
-        **{f.name: getattr(samples.info, f.name) for f in fields(SampleInfo)},
+        **asdict(samples.info),
         num_reference=len(reference_images),
         inception_weights=weights.description,
         reference_key=reference_images.key,
