@@ -4,8 +4,10 @@ r"""Where a denoiser's time goes: aten ops dispatched per forward, and the costl
     python eval/profile_ops.py --models emov2-5m unet2d-5m --batch_size 16 --resolution 32 --threads 1
     python eval/profile_ops.py --models emov2-5m --train     # forward + backward + AdamW step instead
 
-The op count is exact (every aten call, views included: on a GPU at small sizes, latency follows it). The time
-table is `torch.profiler`'s self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page
+The op count is exact (every aten call, views included: on a GPU at small sizes, latency follows it). Bytes moved
+is the sum over non-view ops of their tensor inputs' and outputs' sizes: the memory traffic if no op found its
+operands in cache, which is what a large batch approaches on a GPU (a 32² activation at batch 500 is hundreds of MB
+against tens of MB of L2); it is split into convolutions/matmuls and everything else. The time table is `torch.profiler`'s self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page
 faults per run (memory the OS had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled
 runs; compare them with `--cpu_allocator default`.
 """
@@ -16,21 +18,42 @@ import resource
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from emov2_gen.cpu_allocator import add_cpu_allocator_argument, apply_cpu_allocator
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 
 
+# The ops whose bytes count as "convolutions/matmuls" (their traffic is mostly unavoidable input/weight/output).
+DENSE_OPS = ("convolution", "conv", "mm", "matmul", "bmm", "addmm", "baddbmm", "linear", "attention")
+
+
+# Ops that return a tensor sharing their input's storage without being marked as views.
+NO_COPY_OPS = ("aten._unsafe_view",)
+
+
+def _tensor_bytes(values) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(values) if isinstance(t, torch.Tensor))
+
+
 class _OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active, by op name."""
+    """Counts every aten op dispatched while active, and the bytes of the non-view ones' inputs and outputs, by name."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.bytes: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.counts[name] += 1
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and name not in NO_COPY_OPS:
+            self.bytes[name] += _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+        return out
+
+    def dense_bytes(self) -> int:
+        return sum(n for name, n in self.bytes.items() if any(part in DENSE_OPS for part in name.split(".")[-1].split("_")))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict[str, dict[str, float]]:
-    """Print the op count, page faults and top ops per model; return {model: {"ops": count, "page_faults": per run, op name: ms per run}}."""
+    """Print the op count, bytes moved, page faults and top ops per model.
+
+    Returns {model: {"ops": count, "gigabytes": moved, "dense_gigabytes": moved by convolutions/matmuls,
+    "page_faults": per run, "total_ms": self CPU time per run, op name: ms per run}}.
+    """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,10 +111,14 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         per_run_ms = {e.key: e.self_cpu_time_total / 1e3 / args.repeats for e in events[: args.rows]}
         total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.repeats
         ops = sum(counter.counts.values())
-        results[name] = {"ops": ops, "page_faults": faults, "total_ms": total_ms, **per_run_ms}
+        gigabytes, dense_gigabytes = sum(counter.bytes.values()) / 1e9, counter.dense_bytes() / 1e9
+        results[name] = {"ops": ops, "gigabytes": gigabytes, "dense_gigabytes": dense_gigabytes,
+                         "page_faults": faults, "total_ms": total_ms, **per_run_ms}  # fmt: skip
         mode = "training step" if args.train else "forward"
-        print(f"\n{name}: {ops} aten ops per forward; {mode} at batch {args.batch_size}, {args.resolution}², "
-              f"{torch.get_num_threads()} thread(s): {total_ms:.1f} ms self CPU time and {faults:.0f} minor page faults per run")
+        print(f"\n{name}: {ops} aten ops per forward, moving {gigabytes:.3g} GB ({dense_gigabytes:.3g} GB in "
+              f"convolutions/matmuls, {gigabytes - dense_gigabytes:.3g} GB in other ops); {mode} at batch "
+              f"{args.batch_size}, {args.resolution}², {torch.get_num_threads()} thread(s): {total_ms:.1f} ms self CPU "
+              f"time and {faults:.0f} minor page faults per run")  # fmt: skip
         print("| op | calls per run | ms per run |\n|---|---|---|")
         calls = {e.key: e.count / args.repeats for e in events}
         for key, ms in per_run_ms.items():

@@ -196,10 +196,24 @@ def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):
     train = profile_ops.main(common + ["--train"])["emov2-1m"]
     assert forward["ops"] == train["ops"] > 100  # the count is of one forward either way
     assert "aten::mkldnn_convolution" in forward and "aten::convolution_backward" in train
-    op_ms = {k: v for k, v in forward.items() if k not in ("ops", "page_faults")}
+    op_ms = {k: v for k, v in forward.items() if k not in ("ops", "gigabytes", "dense_gigabytes", "page_faults")}
     assert len(op_ms) == 1 + 5 and 0 < max(op_ms.values()) <= forward["total_ms"]
     assert forward["page_faults"] >= 0
+    assert 0 < forward["dense_gigabytes"] < forward["gigabytes"] == train["gigabytes"]
     printed = capsys.readouterr().out
-    assert f"emov2-1m: {forward['ops']} aten ops per forward; forward at batch 1, 16²" in printed
+    assert f"emov2-1m: {forward['ops']} aten ops per forward, moving {forward['gigabytes']:.3g} GB" in printed
+    assert "forward at batch 1, 16²" in printed
     assert "training step at batch 1" in printed
     assert f"{forward['page_faults']:.0f} minor page faults per run" in printed
+
+
+def test_profile_ops_counts_the_bytes_of_copies_not_views():
+    counter_type = eval_script("profile_ops")._OpCounter
+    a, b, w = torch.ones(1000), torch.ones(1000), torch.ones(1000, 1000)
+    with counter_type() as counter:
+        a.view(10, 100)  # a view: no bytes
+        torch.add(a, b)  # two 4000-byte inputs, one 4000-byte output
+        torch.mm(w, w[:, :1])  # 4 MB + 4 kB in, 4 kB out: a dense op
+    assert counter.counts["aten.view"] == 1 and counter.bytes["aten.view"] == 0
+    assert counter.bytes["aten.add"] == 12_000
+    assert counter.dense_bytes() == 4_000_000 + 4_000 + 4_000
