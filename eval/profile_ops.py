@@ -6,10 +6,11 @@ r"""Where a denoiser's time goes: aten ops dispatched per forward, and the costl
 
 The op count is exact (every aten call, views included: on a GPU at small sizes, latency follows it). Bytes moved
 is the sum over non-view ops of their tensor inputs' and outputs' sizes: the memory traffic if no op found its
-operands in cache, which is what a large batch approaches on a GPU (a 32² activation at batch 500 is hundreds of MB
-against tens of MB of L2); it is split into convolutions/matmuls and everything else. The time table is `torch.profiler`'s self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page
-faults per run (memory the OS had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled
-runs; compare them with `--cpu_allocator default`.
+operands in cache, which a large batch approaches on a GPU (a 32² activation at batch 500 is hundreds of MB against
+tens of MB of L2). It is split into convolutions/matmuls and everything else. The time table is `torch.profiler`'s
+self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS
+had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled runs; compare them with
+`--cpu_allocator default`.
 """
 
 import argparse
@@ -24,10 +25,9 @@ from emov2_gen.cpu_allocator import add_cpu_allocator_argument, apply_cpu_alloca
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 
 
-# The ops whose bytes count as "convolutions/matmuls" (their traffic is mostly unavoidable input/weight/output).
-DENSE_OPS = ("convolution", "conv", "mm", "matmul", "bmm", "addmm", "baddbmm", "linear", "attention")
-
-
+# Name parts of the aten ops counted as "convolutions/matmuls" (as dispatched: matmul and linear arrive as mm/addmm/
+# bmm, scaled-dot-product attention as one of its *_attention kernels).
+DENSE_OPS = ("convolution", "mm", "bmm", "addmm", "baddbmm", "attention")
 # Ops that return a tensor sharing their input's storage without being marked as views.
 NO_COPY_OPS = ("aten._unsafe_view",)
 
@@ -53,7 +53,10 @@ class _OpCounter(TorchDispatchMode):
         return out
 
     def dense_bytes(self) -> int:
-        return sum(n for name, n in self.bytes.items() if any(part in DENSE_OPS for part in name.split(".")[-1].split("_")))
+        def dense(name: str) -> bool:
+            return any(part in DENSE_OPS for part in name.split(".")[-1].split("_"))
+
+        return sum(n for name, n in self.bytes.items() if dense(name))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
