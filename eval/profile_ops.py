@@ -30,6 +30,9 @@ from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 DENSE_OPS = ("convolution", "mm", "bmm", "addmm", "baddbmm", "attention")
 # Ops that return a tensor sharing their input's storage without being marked as views.
 NO_COPY_OPS = ("aten._unsafe_view",)
+# Ops that take a tensor only for its dtype/device/shape: only their output is written.
+FACTORY_OPS = tuple(f"aten.{op}" for op in ("new_zeros", "new_empty", "new_ones", "new_full", "empty_like",
+                                            "zeros_like", "ones_like", "full_like"))  # fmt: skip
 
 
 def _tensor_bytes(values) -> int:
@@ -49,7 +52,8 @@ class _OpCounter(TorchDispatchMode):
         self.counts[name] += 1
         out = func(*args, **(kwargs or {}))
         if not func.is_view and name not in NO_COPY_OPS:
-            self.bytes[name] += _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+            inputs = 0 if name in FACTORY_OPS else _tensor_bytes((args, kwargs))
+            self.bytes[name] += inputs + _tensor_bytes(out)
         return out
 
     def dense_bytes(self) -> int:
