@@ -50,10 +50,10 @@ case "${1:-}" in
     [ -z "$seg_pid" ] || wait "$seg_pid"
     ;;
   score)
-    score_device=${SCORE_DEVICE:-$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+    # eval/fid.py scores on CUDA when available, else on the CPU; SCORE_DEVICE overrides.
     python eval/fid.py --samples "$OUT"/mnist/fid/samples/*.pt --reference "$DATA" --split train \
-      --batch_size "$fid_batch" --device "$score_device" ${INCEPTION:+--inception-weights "$INCEPTION"} \
-      --output_dir "$OUT/mnist/fid"
+      --batch_size "$fid_batch" ${SCORE_DEVICE:+--device "$SCORE_DEVICE"} \
+      ${INCEPTION:+--inception-weights "$INCEPTION"} --output_dir "$OUT/mnist/fid"
     ;;
   compiled)
     compiled=(--dtype bf16 --channels_last --compile)
