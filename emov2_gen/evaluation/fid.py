@@ -131,7 +131,8 @@ class ModelSamples:
         images = data["images"]
         expected = (info.num_samples, info.in_channels, *info.resolution)
         if images.dtype != torch.uint8 or tuple(images.shape) != expected:
-            raise ValueError(f"{path}: expected uint8 images of shape {expected}, got {images.dtype} {tuple(images.shape)}.")
+            got = f"{images.dtype} {tuple(images.shape)}"
+            raise ValueError(f"{path}: expected uint8 images of shape {expected}, got {got}.")
         return cls(info, images, data["sampling"])
 
 
