@@ -35,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch_sizes", type=int, nargs="+", default=None,
         help="Forward batch sizes (default 1 16). Large ones (e.g. 256) show a GPU's memory-bound regime.",
     )  # fmt: skip
+    parser.add_argument(
+        "--resolutions", type=int, nargs="+", default=None,
+        help="Forward resolutions (default 32 64); the training step runs at the first.",
+    )  # fmt: skip
     parser.add_argument("--sampling_batch_size", type=int, default=None, help="DDIM batch size (default 16).")
     parser.add_argument("--in_channels", type=int, default=3)
     parser.add_argument(
@@ -63,6 +67,8 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "sampling_repeats": args.sampling_repeats,
         "batch_sizes": tuple(args.batch_sizes) if args.batch_sizes else None,
+        "resolutions": tuple(args.resolutions) if args.resolutions else None,
+        "train_resolution": args.resolutions[0] if args.resolutions else None,
         "sampling_batch_size": args.sampling_batch_size,
     }
     settings = dataclasses.replace(

@@ -3,12 +3,13 @@ r"""Where a denoiser's time goes: aten ops dispatched per forward, and the costl
 
     python eval/profile_ops.py --models emov2-5m unet2d-5m --batch_size 16 --resolution 32 --threads 1
     python eval/profile_ops.py --models emov2-5m --train     # forward + backward + AdamW step instead
+    python eval/profile_ops.py --device cuda --batch_size 256 # self GPU time per op (kernels grouped by aten op)
 
 The op count is exact (every aten call, views included: on a GPU at small sizes, latency follows it). Bytes moved
 is the sum over non-view ops of their tensor inputs' and outputs' sizes: the memory traffic if no op found its
 operands in cache, which a large batch approaches on a GPU (a 32² activation at batch 500 is hundreds of MB against
 tens of MB of L2). It is split into convolutions/matmuls and everything else. The time table is `torch.profiler`'s
-self CPU time per op, averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS
+self CPU time per op (self GPU time with `--device cuda`), averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS
 had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled runs; compare them with
 `--cpu_allocator default`.
 """
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=12, help="Ops listed per model.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--channels_last", action="store_true", help="Model and input in channels_last layout.")
     add_cpu_allocator_argument(parser)
     return parser.parse_args(argv)
 
@@ -81,28 +84,37 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     """Print the op count, bytes moved, page faults and top ops per model.
 
     Returns {model: {"ops": count, "gigabytes": moved, "dense_gigabytes": moved by convolutions/matmuls,
-    "page_faults": per run, "total_ms": self CPU time per run, op name: ms per run}}.
+    "page_faults": per run, "total_ms": self CPU (GPU with --device cuda) time per run, op name: ms per run}}.
     """
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     apply_cpu_allocator(args.cpu_allocator)
+    device = torch.device(args.device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    on_gpu = device.type == "cuda"
+    # Aten ops only (not the kernels they launch, listed again as events of their own), by self time on the device.
+    time_of = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     results = {}
     for name in args.models:
         torch.manual_seed(0)
         model = build_denoiser(name, sample_size=args.resolution, in_channels=args.in_channels).train(args.train)
+        model = model.to(device, memory_format=layout)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         sample = torch.randn(args.batch_size, args.in_channels, args.resolution, args.resolution)
-        timestep = torch.full((args.batch_size,), 10)
+        sample = sample.to(device, memory_format=layout)
+        timestep = torch.full((args.batch_size,), 10, device=device)
 
         def run() -> None:
             if not args.train:
                 with torch.no_grad():
                     model(sample, timestep)
-                return
-            model(sample, timestep).sample.square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            else:
+                model(sample, timestep).sample.square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if on_gpu:
+                torch.cuda.synchronize(device)
 
         with torch.no_grad(), _OpCounter() as counter:
             model(sample, timestep)
@@ -114,18 +126,21 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         with torch.profiler.profile() as profile:
             for _ in range(args.repeats):
                 run()
-        events = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        per_run_ms = {e.key: e.self_cpu_time_total / 1e3 / args.repeats for e in events[: args.rows]}
-        total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.repeats
+        ops_events = [e for e in profile.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        events = sorted(ops_events, key=lambda e: getattr(e, time_of), reverse=True)
+        per_run_ms = {e.key: getattr(e, time_of) / 1e3 / args.repeats for e in events[: args.rows]}
+        total_ms = sum(getattr(e, time_of) for e in events) / 1e3 / args.repeats
         ops = sum(counter.counts.values())
         gigabytes, dense_gigabytes = sum(counter.bytes.values()) / 1e9, counter.dense_bytes() / 1e9
         results[name] = {"ops": ops, "gigabytes": gigabytes, "dense_gigabytes": dense_gigabytes,
                          "page_faults": faults, "total_ms": total_ms, **per_run_ms}  # fmt: skip
         mode = "training step" if args.train else "forward"
+        where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} thread(s)"
+        time_kind = "GPU" if on_gpu else "CPU"
         print(f"\n{name}: {ops} aten ops per forward, moving {gigabytes:.3g} GB ({dense_gigabytes:.3g} GB in "
               f"convolutions/matmuls, {gigabytes - dense_gigabytes:.3g} GB in other ops); {mode} at batch "
-              f"{args.batch_size}, {args.resolution}², {torch.get_num_threads()} thread(s): {total_ms:.1f} ms self CPU "
-              f"time and {faults:.0f} minor page faults per run")  # fmt: skip
+              f"{args.batch_size}, {args.resolution}², {where}: {total_ms:.1f} ms self {time_kind} time and "
+              f"{faults:.0f} minor page faults per run")  # fmt: skip
         print("| op | calls per run | ms per run |\n|---|---|---|")
         calls = {e.key: e.count / args.repeats for e in events}
         for key, ms in per_run_ms.items():
