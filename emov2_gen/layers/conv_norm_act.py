@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .fused_norm import norm_act
 from .norms import NORM_EPS, make_act, make_norm
 
 
@@ -37,3 +39,6 @@ class ConvNormAct(nn.Sequential):
         )
         self.norm = make_norm(norm, out_channels, eps=eps)
         self.act = make_act(act, inplace=True)  # its input is always the fresh norm/conv output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_act(self.conv(x), self.norm, self.act)

@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from .conditioning import AdaLNModulation
+from .fused_norm import fused_layer_norm_2d
 from .norms import NORM_EPS, make_act, make_norm
 from .sew_mhsa import PARTITIONS, SEWMHSA
 
@@ -123,20 +124,36 @@ class I2RMB(nn.Module):
         )
         self.drop_path = StochasticDepth(drop_path, mode="row") if residual and drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.norm(x)
-        gate = None
+    def _pre_norm(self, x: torch.Tensor, temb: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Norm(x), adaLN-modulated when conditioned; returns it and the adaLN gate (None if unconditioned)."""
+        shift = scale = gate = None
         if self.modulation is not None:
             if temb is None:
                 raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
             shift, scale, gate = self.modulation(temb)
-            y = torch.addcmul(shift, y, 1 + scale)
+        y = fused_layer_norm_2d(x, self.norm, shift=shift, scale=scale)
+        if y is None:
+            y = self.norm(x)
+            if scale is not None:
+                y = torch.addcmul(shift, y, 1 + scale)
+        return y, gate
+
+    def _local_mix(self, z: torch.Tensor) -> torch.Tensor:
+        """Depth-wise conv, norm and activation, plus the inner residual in stride-1 blocks."""
+        conv, norm, act = self.dw
+        d = conv(z)
+        fused = fused_layer_norm_2d(d, norm, act=act, residual=z if self.residual else None)
+        if fused is not None:
+            return fused
+        d = act(norm(d))
+        if not self.residual:
+            return d
+        return d.add_(z) if self.dw_output_unsaved else z + d  # in place: one large temporary less per block
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y, gate = self._pre_norm(x, temb)
         z = self.attn(y, self.expand) if self.attn is not None else self.expand(y)
-        if self.residual:  # into the branch output in place: one large temporary less per block
-            z = self.dw(z).add_(z) if self.dw_output_unsaved else z + self.dw(z)
-        else:
-            z = self.dw(z)
-        z = self.proj(self.dropout(z))
+        z = self.proj(self.dropout(self._local_mix(z)))
         scale = gate  # adaLN gate, else the layer scale, else none
         if scale is None and self.layer_scale is not None:
             scale = self.layer_scale.view(1, -1, 1, 1)

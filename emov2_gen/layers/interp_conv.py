@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .conv_norm_act import ConvNormAct
+from .fused_norm import norm_act
 from .norms import NORM_EPS
 
 
@@ -42,4 +43,4 @@ class InterpConv(nn.Sequential):
         if not self.conv_first:
             return super().forward(x)
         upsample, unit = self
-        return unit.act(unit.norm(upsample(unit.conv(x))))
+        return norm_act(upsample(unit.conv(x)), unit.norm, unit.act)

@@ -30,6 +30,7 @@ from ..blocks.unet_2d_blocks import (
     get_block,
 )
 from ..layers import make_norm
+from ..layers.fused_norm import norm_act
 
 _ATTN_LEVELS = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D")
 _ATTN_UP = ("EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2UpBlock2D")
@@ -261,7 +262,7 @@ class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
             n = len(block.layers)
             hidden = block(hidden, skips[-n:], emb)
             skips = skips[:-n]
-        out = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))
+        out = self.conv_out(norm_act(hidden, self.conv_norm_out, self.conv_act))
         if self.config.time_embedding_type == "fourier":  # score-SDE convention, as UNet2DModel
             out = out / timesteps.reshape(-1, 1, 1, 1).to(out.dtype)
         out = out.contiguous()
