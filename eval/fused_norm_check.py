@@ -3,8 +3,11 @@
 
     python eval/fused_norm_check.py                       # batch 256, the EMOv2-5M UNet's 32² shapes
 
-1. Correctness: the kernel against the eager ops on random inputs of every activation, with and without
-   modulation and residual; then whole denoisers (fused vs `fused_norm_enabled(False)`), as relative errors.
+1. Correctness: the kernel against the eager ops (in float64) on random inputs of every activation, with and
+   without modulation and residual; then whole denoisers with every LayerNorm through the kernel against
+   `fused_norm_enabled(False)`, as relative errors. The denoisers' differences include TF32 rounding: cuDNN
+   runs float32 convolutions in TF32 by default, so input differences of float rounding can move a product
+   by one TF32 step (~5e-4 relative).
 2. Speed: the kernel's time against PyTorch's LayerNorm (plus the eager modulation/activation/residual ops it
    replaces) at the (channels, side) pairs the EMOv2-5M UNet normalises, with CUDA-event timing (median).
 """
@@ -13,7 +16,7 @@ import argparse
 
 import torch
 
-from emov2_gen.layers import LayerNorm2d, make_act
+from emov2_gen.layers import LayerNorm2d, fused_norm, make_act
 from emov2_gen.layers.fused_norm import channel_norm_kernel, fused_norm_enabled
 from emov2_gen.models.registry import build_denoiser
 
@@ -84,6 +87,7 @@ def main(argv=None) -> None:
                           f"rel. error {error:.2e} {status}")  # fmt: skip
     print(f"worst fp32 kernel relative error {worst:.2e}")
 
+    fused_norm.MIN_FUSED_NUMEL = 0  # every LayerNorm site through the kernel, small as these inputs are
     for name in ("emov2-5m", "emov2-1m"):
         for side in (32, 64):
             model = build_denoiser(name, sample_size=side).cuda().eval()
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
                 reference = model(sample, t).sample
             print(f"{name} {side}²: fused vs eager output relative error {relative_error(fused, reference):.2e}")
 
-    print(f"\n| channels | side | PyTorch LayerNorm + eager ops (ms) | fused kernel (ms) | speed-up |\n|---|---|---|---|---|")
+    print("\n| channels | side | PyTorch LayerNorm + eager ops (ms) | fused kernel (ms) | speed-up |\n|---|---|---|---|---|")
     gelu = make_act("gelu")
     total_eager = total_fused = 0.0
     for channels, side in SHAPES:

@@ -12,13 +12,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
-from emov2_gen.layers import LayerNorm2d, make_act
+from emov2_gen.layers import LayerNorm2d, fused_norm, make_act
 from emov2_gen.layers.fused_norm import activation_kind, fused_layer_norm_2d, fused_norm_enabled, norm_act
-
-triton = pytest.importorskip("triton", reason="the kernel is written in Triton; CPU-only torch installs lack it")
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before the kernel is decorated (at import).
 _KERNEL_CHECK = textwrap.dedent(
@@ -100,8 +97,6 @@ def test_eager_path_is_taken_off_cuda_and_when_disabled():
         assert fused_layer_norm_2d(x, norm, act=act) is None  # CPU tensor: the caller's eager ops run
         torch.testing.assert_close(norm_act(x, norm, act), torch.nn.functional.gelu(norm(x)))
     with fused_norm_enabled(False):
-        from emov2_gen.layers import fused_norm
-
         assert not fused_norm._enabled
     assert fused_norm._enabled
 
