@@ -100,13 +100,15 @@ def main(argv=None) -> None:
                 reference = model(sample, t).sample
             print(f"{name} {side}²: fused vs eager output relative error {relative_error(fused, reference):.2e}")
 
-    print("\n| channels | side | PyTorch LayerNorm + eager ops (ms) | fused kernel (ms) | speed-up |\n|---|---|---|---|---|")
+    print("\n| channels | side | PyTorch LayerNorm + eager ops (ms) | fused kernel (ms) | speed-up |")
+    print("|---|---|---|---|---|")
     gelu = make_act("gelu")
     total_eager = total_fused = 0.0
     for channels, side in SHAPES:
         x, norm, (shift, scale), res = inputs(args.batch_size, channels, side, True, True)
         before = milliseconds(lambda: eager(x, norm, gelu, shift, scale, res))
-        after = milliseconds(lambda: channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, "gelu", res))
+        weight, bias, eps = norm.weight, norm.bias, norm.eps
+        after = milliseconds(lambda: channel_norm_kernel(x, weight, bias, eps, shift, scale, "gelu", res))
         total_eager, total_fused = total_eager + before, total_fused + after
         print(f"| {channels} | {side} | {before:.3f} | {after:.3f} | {before / after:.1f}x |")
     print(f"| all | | {total_eager:.3f} | {total_fused:.3f} | {total_eager / total_fused:.1f}x |")

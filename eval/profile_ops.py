@@ -9,8 +9,9 @@ The op count is exact (every aten call, views included: on a GPU at small sizes,
 is the sum over non-view ops of their tensor inputs' and outputs' sizes: the memory traffic if no op found its
 operands in cache, which a large batch approaches on a GPU (a 32² activation at batch 500 is hundreds of MB against
 tens of MB of L2). It is split into convolutions/matmuls and everything else. The time table is `torch.profiler`'s
-self CPU time per op (self GPU time with `--device cuda`), averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS
-had to zero-fill; see `emov2_gen.cpu_allocator`) are counted over as many unprofiled runs; compare them with
+self CPU time per op (with `--device cuda`: self GPU time, plus a row for kernels launched outside aten ops),
+averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS had to zero-fill; see
+`emov2_gen.cpu_allocator`) are counted over as many unprofiled runs; compare them with
 `--cpu_allocator default`.
 """
 

@@ -7,10 +7,11 @@ activation and inner-residual add that follow each take another pass over the bl
 
 `fused_layer_norm_2d` does all of it in one Triton kernel: each program normalises a tile of rows
 (pixels) of a channels-last tensor in float32 and writes the result once. It is used only where it is
-exact to float rounding and needs no backward: CUDA tensors, Triton importable, no autograd recording,
-no autocast, a `LayerNorm2d` with affine weights and an activation it knows. Otherwise it returns None
-and the caller runs its eager ops, so CPU runs, training and gradients are untouched. It is off when the
-environment sets EMOV2_GEN_FUSED_NORM=0, and inside `fused_norm_enabled(False)` (for A/B timing and debugging).
+exact to float rounding, needs no backward and pays off: CUDA tensors of at least `MIN_FUSED_NUMEL`
+elements, Triton importable, no autograd recording, no autocast, not inside torch.compile, a
+`LayerNorm2d` with affine weights and an activation it knows. Otherwise it returns None and the caller
+runs its eager ops, so CPU runs, training and gradients are untouched. It is off when the environment
+sets EMOV2_GEN_FUSED_NORM=0, and inside `fused_norm_enabled(False)` (for A/B timing and debugging).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def fused_layer_norm_2d(
         and kind is not None
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()  # inductor fuses the eager ops itself
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, norm.weight, norm.bias)))
     )
     if not usable:
