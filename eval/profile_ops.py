@@ -94,6 +94,8 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         torch.set_num_threads(args.threads)
     apply_cpu_allocator(args.cpu_allocator)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU, and torch.cuda.is_available() is False here.")
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     on_gpu = device.type == "cuda"
     # Aten ops only (not the kernels they launch, listed again as events of their own), by self time on the device.

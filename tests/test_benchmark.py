@@ -207,6 +207,24 @@ def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):
     assert f"{forward['page_faults']:.0f} minor page faults per run" in printed
 
 
+def test_profile_ops_channels_last_profiles_the_same_forward(capsys):
+    profile_ops = eval_script("profile_ops")
+    common = ["--models", "emov2-1m", "--batch_size", "1", "--resolution", "16", "--repeats", "1", "--rows", "3"]
+    contiguous = profile_ops.main(common)["emov2-1m"]
+    channels_last = profile_ops.main(common + ["--channels_last"])["emov2-1m"]
+    assert channels_last["gigabytes"] > 0 and channels_last["total_ms"] > 0
+    # The same model; a channels-last input spares the first LayerNorm its layout copy.
+    assert 0.9 * contiguous["ops"] < channels_last["ops"] < contiguous["ops"]
+
+
+def test_gpu_scripts_refuse_clearly_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        eval_script("profile_ops").main(["--device", "cuda", "--models", "emov2-1m"])
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        eval_script("fused_norm_check").main([])
+
+
 def test_profile_ops_counts_the_bytes_of_copies_not_views():
     counter_type = eval_script("profile_ops")._OpCounter
     a, b, w = torch.ones(1000), torch.ones(1000), torch.ones(1000, 1000)
