@@ -175,6 +175,15 @@ def test_benchmark_cli_takes_batch_sizes_for_the_forward_and_sampling_columns(tm
     assert "fwd bs3 32²" in capsys.readouterr().out and "DDIM-5 bs2" in (tmp_path / "benchmark.md").read_text()
 
 
+def test_benchmark_cli_resolutions_set_the_forward_and_training_sizes(tmp_path):
+    eval_script("benchmark").main(["--models", "unet2d-5m", "--quick", "--threads", "1", "--resolutions", "16", "8",
+                                   "--batch_sizes", "1", "--output_dir", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["settings"]["resolutions"] == [16, 8] and saved["settings"]["train_resolution"] == 16
+    values = saved["models"][0]["values"]
+    assert {"forward_ms_bs1_16px", "forward_ms_bs1_8px"} <= values.keys() and "forward_ms_bs1_32px" not in values
+
+
 def test_model_table_cli(tmp_path, capsys):
     out = tmp_path / "table.json"
     eval_script("model_table").main(["--models", "emov2-1m", "--sample_size", "16", "--json", str(out)])
