@@ -1,4 +1,5 @@
-"""Layers: normalisation/activation factories, conv-norm-act, InterpConv upsampling, SEW-MHSA, the i2RMB, and time/class conditioning."""
+"""Layers: normalisation/activation factories (and their fused CUDA LayerNorm), conv-norm-act, InterpConv upsampling,
+SEW-MHSA, the i2RMB, and time/class conditioning."""
 
 from .conditioning import AdaLNModulation
 from .conv_norm_act import ConvNormAct
