@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from emov2_gen.layers import LayerNorm2d, fused_norm, make_act
@@ -110,3 +111,20 @@ def test_activation_kinds():
     assert activation_kind(torch.nn.SiLU()) == "silu"
     assert activation_kind(torch.nn.ReLU()) == "relu"
     assert activation_kind(torch.nn.Tanh()) is None
+
+
+@pytest.mark.parametrize("kind", ["relu", "gelu"])
+def test_eager_residual_add_keeps_gradients_exact(kind):
+    """The eager path adds the residual into the activation's output in place, except after ReLU, whose output
+    autograd saves: an in-place add there would fail the backward."""
+    torch.manual_seed(0)
+    norm, act = LayerNorm2d(8), make_act(kind, inplace=True)
+    x, residual = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = norm_act(x, norm, act, residual=residual)
+    out.square().sum().backward()
+    x_ref, residual_ref = x.detach().requires_grad_(), residual.detach().requires_grad_()
+    reference = getattr(torch.nn.functional, kind)(norm(x_ref)) + residual_ref
+    reference.square().sum().backward()
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(residual.grad, residual_ref.grad)

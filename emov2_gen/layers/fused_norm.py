@@ -12,6 +12,7 @@ elements, Triton importable, no autograd recording, no autocast, not inside torc
 `LayerNorm2d` with affine weights and an activation it knows. Otherwise it returns None and the caller
 runs its eager ops, so CPU runs, training and gradients are untouched. It is off when the environment
 sets EMOV2_GEN_FUSED_NORM=0, and inside `fused_norm_enabled(False)` (for A/B timing and debugging).
+Layers call `norm_act`, which runs the kernel or those eager ops.
 """
 
 from __future__ import annotations
@@ -156,10 +157,8 @@ def fused_layer_norm_2d(
     scale: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
-    """`act(norm(x) * (1 + scale) + shift) + residual` in one kernel, or None where the kernel does not apply.
-
-    The caller then runs its own eager ops, which compute the same function.
-    """
+    """`act(norm(x) * (1 + scale) + shift) + residual` in one kernel, or None where the kernel does not apply
+    (`norm_act` then runs the eager ops, which compute the same function)."""
     kind = activation_kind(act)
     tensors = [t for t in (x, shift, scale, residual) if t is not None]
     usable = (
@@ -181,7 +180,28 @@ def fused_layer_norm_2d(
     return channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, kind, residual)
 
 
-def norm_act(x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:
-    """`act(norm(x))`, through the fused kernel where it applies."""
-    fused = fused_layer_norm_2d(x, norm, act=act)
-    return act(norm(x)) if fused is None else fused
+def norm_act(
+    x: torch.Tensor,
+    norm: nn.Module,
+    act: Optional[nn.Module] = None,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`act(norm(x) * (1 + scale) + shift) + residual` (each part optional): the fused kernel where it applies,
+    else the eager ops, for any norm and activation.
+
+    The eager residual add goes into the activation's output in place (one large temporary less), except after
+    ReLU, whose output autograd keeps for its backward.
+    """
+    fused = fused_layer_norm_2d(x, norm, act=act, shift=shift, scale=scale, residual=residual)
+    if fused is not None:
+        return fused
+    y = norm(x)
+    if scale is not None:
+        y = torch.addcmul(shift, y, 1 + scale)
+    if act is not None:
+        y = act(y)
+    if residual is None:
+        return y
+    return residual + y if activation_kind(act) == "relu" else y.add_(residual)

@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from .conditioning import AdaLNModulation
-from .fused_norm import fused_layer_norm_2d
+from .fused_norm import norm_act
 from .norms import NORM_EPS, make_act, make_norm
 from .sew_mhsa import PARTITIONS, SEWMHSA
 
@@ -113,8 +113,6 @@ class I2RMB(nn.Module):
             make_norm(dw_norm, mid, eps=norm_eps),
             make_act(dw_act, inplace=True),
         )
-        # Autograd keeps ReLU's output for its backward, so only then the inner residual may not add into it.
-        self.dw_output_unsaved = dw_act != "relu"
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
         use_layer_scale = layer_scale_init is not None and self.modulation is None
@@ -126,29 +124,17 @@ class I2RMB(nn.Module):
 
     def _pre_norm(self, x: torch.Tensor, temb: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Norm(x), adaLN-modulated when conditioned; returns it and the adaLN gate (None if unconditioned)."""
-        shift = scale = gate = None
-        if self.modulation is not None:
-            if temb is None:
-                raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
-            shift, scale, gate = self.modulation(temb)
-        y = fused_layer_norm_2d(x, self.norm, shift=shift, scale=scale)
-        if y is None:
-            y = self.norm(x)
-            if scale is not None:
-                y = torch.addcmul(shift, y, 1 + scale)
-        return y, gate
+        if self.modulation is None:
+            return norm_act(x, self.norm), None
+        if temb is None:
+            raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
+        shift, scale, gate = self.modulation(temb)
+        return norm_act(x, self.norm, shift=shift, scale=scale), gate
 
     def _local_mix(self, z: torch.Tensor) -> torch.Tensor:
         """Depth-wise conv, norm and activation, plus the inner residual in stride-1 blocks."""
         conv, norm, act = self.dw
-        d = conv(z)
-        fused = fused_layer_norm_2d(d, norm, act=act, residual=z if self.residual else None)
-        if fused is not None:
-            return fused
-        d = act(norm(d))
-        if not self.residual:
-            return d
-        return d.add_(z) if self.dw_output_unsaved else z + d  # in place: one large temporary less per block
+        return norm_act(conv(z), norm, act, residual=z if self.residual else None)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         y, gate = self._pre_norm(x, temb)
