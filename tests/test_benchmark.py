@@ -155,10 +155,15 @@ def test_unknown_baseline_and_bad_settings_raise():
         BenchmarkSettings(resolutions=(64,))
 
 
+def run_benchmark_cli(output_dir: Path, *args: str) -> dict:
+    """eval/benchmark.py --quick on one thread with `args`; returns its benchmark.json."""
+    eval_script("benchmark").main([*args, "--quick", "--threads", "1", "--output_dir", str(output_dir)])
+    return json.loads((output_dir / "benchmark.json").read_text())
+
+
 def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
-    eval_script("benchmark").main(["--models", "emov2-1m", "--quick", "--threads", "1", "--output_dir", str(tmp_path)])
+    saved = run_benchmark_cli(tmp_path, "--models", "emov2-1m")
     printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert [m["name"] for m in saved["models"]] == ["unet2d-5m", "emov2-1m"]
     assert saved["settings"]["repeats"] == 2 and saved["settings"]["resolutions"] == [32]
     assert (tmp_path / "benchmark.md").read_text() in printed
@@ -166,9 +171,7 @@ def test_benchmark_cli_quick_adds_the_baseline(tmp_path, capsys):
 
 
 def test_benchmark_cli_takes_batch_sizes_for_the_forward_and_sampling_columns(tmp_path, capsys):
-    eval_script("benchmark").main(["--models", "unet2d-5m", "--quick", "--threads", "1", "--batch_sizes", "2", "3",
-                                   "--sampling_batch_size", "2", "--output_dir", str(tmp_path)])  # fmt: skip
-    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    saved = run_benchmark_cli(tmp_path, "--models", "unet2d-5m", "--batch_sizes", "2", "3", "--sampling_batch_size", "2")
     assert saved["settings"]["batch_sizes"] == [2, 3] and saved["settings"]["sampling_batch_size"] == 2
     values = saved["models"][0]["values"]
     assert {"forward_ms_bs2_32px", "forward_ms_bs3_32px"} <= values.keys() and "forward_ms_bs4_32px" not in values
@@ -176,9 +179,7 @@ def test_benchmark_cli_takes_batch_sizes_for_the_forward_and_sampling_columns(tm
 
 
 def test_benchmark_cli_resolutions_set_the_forward_and_training_sizes(tmp_path):
-    eval_script("benchmark").main(["--models", "unet2d-5m", "--quick", "--threads", "1", "--resolutions", "16", "8",
-                                   "--batch_sizes", "1", "--output_dir", str(tmp_path)])  # fmt: skip
-    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    saved = run_benchmark_cli(tmp_path, "--models", "unet2d-5m", "--resolutions", "16", "8", "--batch_sizes", "1")
     assert saved["settings"]["resolutions"] == [16, 8] and saved["settings"]["train_resolution"] == 16
     values = saved["models"][0]["values"]
     assert {"forward_ms_bs1_16px", "forward_ms_bs1_8px"} <= values.keys() and "forward_ms_bs1_32px" not in values
