@@ -10,9 +10,9 @@ Each RUN is a training output folder (its `logs/` are searched) or a logging fol
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from emov2_gen.evaluation.benchmark import markdown_table
+from emov2_gen.evaluation.folder_names import folder_names
 from emov2_gen.evaluation.training_logs import plot_runs, read_scalars, summarise_run
 
 
@@ -28,9 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    names = args.names or [Path(run).resolve().name for run in args.runs]
+    names = args.names or folder_names(args.runs)
     if len(names) != len(args.runs):
         raise SystemExit(f"--names gives {len(names)} names for {len(args.runs)} runs.")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--names repeats a name ({', '.join(names)}): each run needs its own.")
     runs = {name: read_scalars(run) for name, run in zip(names, args.runs)}
     plot_runs(runs, args.output, smoothing=args.smoothing)
     summaries = [summarise_run(name, scalars, args.tail_fraction) for name, scalars in runs.items()]

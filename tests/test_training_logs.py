@@ -61,3 +61,16 @@ def test_cli_plots_two_runs_and_prints_their_summaries(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="1 names for 2 runs"):
         plot.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "x", "--output", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="repeats a name"):
+        plot.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "x", "x", "--output", str(tmp_path / "x.png")])
+
+
+def test_cli_numbers_runs_whose_folders_share_a_name(tmp_path, capsys):
+    """Two runs both called `emov2-5m` (different parent folders) stay two rows, not one silently merged."""
+    log_run(tmp_path / "cpu" / "emov2-5m" / "logs", {step: 1.0 for step in range(1, 5)})
+    log_run(tmp_path / "gpu" / "emov2-5m" / "logs", {step: 3.0 for step in range(1, 5)})
+    plot = load_script(REPO / "eval" / "plot_training.py")
+    plot.main(["--runs", str(tmp_path / "cpu" / "emov2-5m"), str(tmp_path / "gpu" / "emov2-5m"),
+               "--output", str(tmp_path / "curves.png")])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| emov2-5m")]
+    assert rows == ["| emov2-5m-0 | 4 | 1.0000 | 102 |", "| emov2-5m-1 | 4 | 3.0000 | 102 |"]

@@ -28,6 +28,7 @@ import torch_fidelity
 from torch.utils.data import Dataset
 
 from .flops import count_gflops
+from .folder_names import folder_names
 from .inception import InceptionWeights, resolve_inception_weights
 from .inception_inputs import ImageTensorDataset
 from .reference import ReferenceImages, ReferenceSet
@@ -204,12 +205,6 @@ def fidelity_metrics(
     }
 
 
-def _model_names(model_dirs: list[str]) -> list[str]:
-    """Folder names, numbered where two models share one."""
-    names = [Path(d).resolve().name for d in model_dirs]
-    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
-
-
 def sample_model(model_dir: str, name: str, settings: FIDSettings) -> ModelSamples:
     """Draw one model's samples with the settings' sampler and seeds, and describe the model for the report."""
     pipeline = load_pipeline(model_dir, settings.scheduler)
@@ -282,7 +277,7 @@ def sample_models(model_dirs: list[str], settings: FIDSettings) -> list[ModelSam
         raise FileNotFoundError(f"Model directories not found: {', '.join(missing)}.")
     if settings.num_samples < MIN_SAMPLES:
         raise ValueError(f"num_samples must be at least {MIN_SAMPLES}, got {settings.num_samples}.")
-    return [sample_model(d, name, settings) for d, name in zip(model_dirs, _model_names(model_dirs))]
+    return [sample_model(d, name, settings) for d, name in zip(model_dirs, folder_names(model_dirs))]
 
 
 def _scoring_inputs(settings: FIDSettings) -> tuple[ReferenceSet, InceptionWeights]:
