@@ -17,10 +17,12 @@ from emov2_gen.evaluation.benchmark import (
     BenchmarkSettings,
     _interleaved_seconds,
     benchmark_metrics,
+    environment_info,
     peak_memory_mib,
     run_benchmark,
 )
 from emov2_gen.evaluation.flops import count_gflops
+from emov2_gen.layers.fused_norm import fused_norm_enabled
 from emov2_gen.models.registry import build_denoiser
 from script_runs import load_script
 
@@ -144,6 +146,22 @@ def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_
     assert len(table) == 2 + len(builders)
     assert table[0].count("|") == len(keys) + 2
     assert table[2].startswith("| tiny-unet2d |") and table[2].count("(1.00x)") == len(keys)
+
+
+def test_cuda_reports_say_whether_the_fused_layernorm_kernel_was_on(monkeypatch):
+    """A/B runs of the kernel (EMOV2_GEN_FUSED_NORM=0) must be told apart by their reports; CPU reports omit it."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")  # no GPU needed
+    assert environment_info(torch.device("cuda"))["fused_layernorm_kernel"] is True  # triton is a test dependency
+    with fused_norm_enabled(False):
+        env = environment_info(torch.device("cuda"))
+    assert env["fused_layernorm_kernel"] is False
+    assert "fused_layernorm_kernel" not in environment_info(torch.device("cpu"))
+
+    settings = BenchmarkSettings(resolutions=(16,), batch_sizes=(1,), train_resolution=16, train_batch_size=1,
+                                 sampling_batch_size=1, sampling_steps=1, repeats=1, sampling_repeats=1)
+    report = run_benchmark({"tiny-unet2d": tiny_unet2d}, baseline="tiny-unet2d", settings=settings)
+    report.environment = env
+    assert "fused LayerNorm kernel: off." in report.to_markdown()
 
 
 def test_unknown_baseline_and_bad_settings_raise():

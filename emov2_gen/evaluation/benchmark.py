@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from ..cpu_allocator import cpu_allocator_description
+from ..layers.fused_norm import fused_norm_available
 from .flops import FLOP_CONVENTION, count_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -171,13 +172,16 @@ class BenchmarkReport:
             for name, values in self.values.items()
         ]
         env, s = self.environment, self.settings
+        context = [f"CPU allocator: {env['cpu_allocator']}"] if "cpu_allocator" in env else []
+        if "fused_layernorm_kernel" in env:
+            context.append(f"fused LayerNorm kernel: {'on' if env['fused_layernorm_kernel'] else 'off'}")
         lines = [
             f"Ratios are model / `{self.baseline}` (time, memory: lower is better; img/s: higher is better); "
             "timed ratios are medians of per-repetition ratios. "
             f"Medians of {s.repeats} interleaved repetitions ({s.sampling_repeats} for sampling) after {s.warmup} "
             f"warm-up; device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
             f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}"
-            + (f"; CPU allocator: {env['cpu_allocator']}." if "cpu_allocator" in env else "."),
+            + "".join(f"; {item}" for item in context) + ".",
             "",
             markdown_table(header, rows),
             "",
@@ -211,7 +215,8 @@ def _format_value(value: float, unit: str) -> str:
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions, device name, torch's intra-op thread count and (CPU) how memory is allocated."""
+    """Versions, device name, torch's intra-op thread count, (CPU) how memory is allocated and (CUDA) whether
+    inference may take the fused LayerNorm kernel (`emov2_gen.layers.fused_norm`; EMOV2_GEN_FUSED_NORM=0 is off)."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -229,6 +234,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         **({"cpu_allocator": cpu_allocator_description()} if device.type == "cpu" else {}),
+        **({"fused_layernorm_kernel": fused_norm_available()} if device.type == "cuda" else {}),
     }
 
 

@@ -55,6 +55,11 @@ def fused_norm_enabled(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
+def fused_norm_available() -> bool:
+    """Whether CUDA inference can take the kernel here: Triton importable and the kernel not switched off."""
+    return _enabled and triton is not None
+
+
 def activation_kind(act: Optional[nn.Module]) -> Optional[str]:
     """The kernel's name for an activation module, or None if the kernel does not implement it."""
     if act is None or isinstance(act, nn.Identity):
