@@ -5,9 +5,9 @@
 
 1. Correctness: the kernel against the eager ops (in float64) on random inputs of every activation, with and
    without modulation and residual; then whole denoisers with every LayerNorm through the kernel against
-   `fused_norm_enabled(False)`, as relative errors. The denoisers' differences include TF32 rounding: cuDNN
-   runs float32 convolutions in TF32 by default, so input differences of float rounding can move a product
-   by one TF32 step (~5e-4 relative).
+   `fused_norm_enabled(False)`, as relative errors, once with PyTorch's default TF32 settings and once with
+   TF32 off. cuDNN runs float32 convolutions in TF32 by default, so input differences of float rounding can
+   move a product by one TF32 step (~5e-4 relative); with TF32 off only float32 rounding should remain.
 2. Speed: the kernel's time against PyTorch's LayerNorm (plus the eager modulation/activation/residual ops it
    replaces) at the (channels, side) pairs the EMOv2-5M UNet normalises, with CUDA-event timing (median).
 """
@@ -86,6 +86,7 @@ def main(argv=None) -> None:
     print(f"worst fp32 kernel relative error {worst:.2e}")
 
     fused_norm.MIN_FUSED_NUMEL = 0  # every LayerNorm site through the kernel, small as these inputs are
+    tf32_defaults = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     for name in ("emov2-5m", "emov2-1m"):
         for side in (32, 64):
             model = build_denoiser(name, sample_size=side).cuda().eval()
@@ -93,10 +94,16 @@ def main(argv=None) -> None:
             for module in model.modules():  # non-zero adaLN so that the modulation is exercised
                 if hasattr(module, "linear") and module.linear.weight.abs().sum() == 0:
                     torch.nn.init.normal_(module.linear.weight, std=0.02)
-            fused = model(sample, t).sample
-            with fused_norm_enabled(False):
-                reference = model(sample, t).sample
-            print(f"{name} {side}²: fused vs eager output relative error {relative_error(fused, reference):.2e}")
+            errors = []
+            for tf32 in (tf32_defaults, (False, False)):
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+                fused = model(sample, t).sample
+                with fused_norm_enabled(False):
+                    reference = model(sample, t).sample
+                errors.append(relative_error(fused, reference))
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32_defaults
+            print(f"{name} {side}²: fused vs eager output relative error {errors[0]:.2e} with the default TF32 settings "
+                  f"(convs {tf32_defaults[0]}, matmuls {tf32_defaults[1]}), {errors[1]:.2e} with TF32 off")
 
     print("\n| channels | side | PyTorch LayerNorm + eager ops (ms) | fused kernel (ms) | speed-up |")
     print("|---|---|---|---|---|")
