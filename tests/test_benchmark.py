@@ -151,7 +151,8 @@ def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_
 def test_cuda_reports_say_whether_the_fused_layernorm_kernel_was_on(monkeypatch):
     """A/B runs of the kernel (EMOV2_GEN_FUSED_NORM=0) must be told apart by their reports; CPU reports omit it."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")  # no GPU needed
-    assert environment_info(torch.device("cuda"))["fused_layernorm_kernel"] is True  # triton is a test dependency
+    with fused_norm_enabled(True):  # whatever EMOV2_GEN_FUSED_NORM says here
+        assert environment_info(torch.device("cuda"))["fused_layernorm_kernel"] is True  # triton: a test dependency
     with fused_norm_enabled(False):
         env = environment_info(torch.device("cuda"))
     assert env["fused_layernorm_kernel"] is False
