@@ -5,14 +5,13 @@ LayerNorm (`eval/profile_ops.py --device cuda --batch_size 256`). Its kernel giv
 block; a channel LayerNorm has millions of rows of 32-480 values, so most threads idle. The modulation,
 activation and inner-residual add that follow each take another pass over the block's widest tensors.
 
-`fused_layer_norm_2d` does all of it in one Triton kernel: each program normalises a tile of rows
-(pixels) of a channels-last tensor in float32 and writes the result once. It is used only where it is
-exact to float rounding, needs no backward and pays off: CUDA tensors of at least `MIN_FUSED_NUMEL`
-elements, Triton importable, no autograd recording, no autocast, not inside torch.compile, a
-`LayerNorm2d` with affine weights and an activation it knows. Otherwise it returns None and the caller
-runs its eager ops, so CPU runs, training and gradients are untouched. It is off when the environment
-sets EMOV2_GEN_FUSED_NORM=0, and inside `fused_norm_enabled(False)` (for A/B timing and debugging).
-Layers call `norm_act`, which runs the kernel or those eager ops.
+`norm_act` does all of it in one Triton kernel: each program normalises a tile of rows (pixels) of a
+channels-last tensor in float32 and writes the result once. It is used only where it is exact to float
+rounding, needs no backward and pays off (`kernel_applies`): CUDA tensors of at least `MIN_FUSED_NUMEL`
+elements, Triton importable, no autograd recording, no autocast, not inside torch.compile, a `LayerNorm2d`
+with affine weights and an activation it knows. Otherwise `norm_act` runs the eager ops, so CPU runs,
+training and gradients are untouched. It is off when the environment sets EMOV2_GEN_FUSED_NORM=0, and
+inside `fused_norm_enabled(False)` (for A/B timing and debugging).
 """
 
 from __future__ import annotations
@@ -124,7 +123,7 @@ def channel_norm_kernel(
 ) -> torch.Tensor:
     """Run the Triton kernel on (B, C, H, W) `x`; shift/scale (B, C, 1, 1); residual like `x`. Returns channels-last.
 
-    No eligibility checks beyond shapes (see `fused_layer_norm_2d`): the tests call it directly, on CPU
+    No eligibility checks beyond shapes (see `kernel_applies`): the tests call it directly, on CPU
     tensors under TRITON_INTERPRET=1.
     """
     b, c, h, w = x.shape
@@ -154,35 +153,27 @@ def channel_norm_kernel(
     return out
 
 
-def fused_layer_norm_2d(
-    x: torch.Tensor,
-    norm: nn.Module,
-    act: Optional[nn.Module] = None,
-    shift: Optional[torch.Tensor] = None,
-    scale: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-) -> Optional[torch.Tensor]:
-    """`act(norm(x) * (1 + scale) + shift) + residual` in one kernel, or None where the kernel does not apply
-    (`norm_act` then runs the eager ops, which compute the same function)."""
-    kind = activation_kind(act)
-    tensors = [t for t in (x, shift, scale, residual) if t is not None]
-    usable = (
-        _enabled
-        and triton is not None
+def kernel_applies(
+    x: torch.Tensor, norm: nn.Module, act_kind: Optional[str], *operands: Optional[torch.Tensor]
+) -> bool:
+    """Whether `norm_act` runs the kernel for `x`, `norm`, an activation of `activation_kind` `act_kind` and the
+    optional shift/scale/residual `operands` (where not, it runs the eager ops, which compute the same function)."""
+    return (
+        fused_norm_available()
         and (x.is_cuda or _interpreted)
         and x.numel() >= MIN_FUSED_NUMEL
         and isinstance(norm, LayerNorm2d)
         and norm.weight is not None
         and norm.bias is not None
-        and kind is not None
+        and act_kind is not None
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()  # inductor fuses the eager ops itself
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, norm.weight, norm.bias)))
+        and not (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, *operands, norm.weight, norm.bias))
+        )
     )
-    if not usable:
-        return None
-    return channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, kind, residual)
 
 
 def norm_act(
@@ -199,9 +190,9 @@ def norm_act(
     The eager residual add goes into the activation's output in place (one large temporary less), except after
     ReLU, whose output autograd keeps for its backward.
     """
-    fused = fused_layer_norm_2d(x, norm, act=act, shift=shift, scale=scale, residual=residual)
-    if fused is not None:
-        return fused
+    kind = activation_kind(act)
+    if kernel_applies(x, norm, kind, shift, scale, residual):
+        return channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, kind, residual)
     y = norm(x)
     if scale is not None:
         y = torch.addcmul(shift, y, 1 + scale)
@@ -209,4 +200,4 @@ def norm_act(
         y = act(y)
     if residual is None:
         return y
-    return residual + y if activation_kind(act) == "relu" else y.add_(residual)
+    return residual + y if kind == "relu" else y.add_(residual)
