@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def tiny_unet2d(sample_size: int) -> UNet2DModel:
         sample_size=sample_size, block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     )
+
+
+def test_inference_is_timed_before_any_training_step():
+    """Training steps leave the CPU heap holding their freed activations, which slowed later inference: every
+    forward and sampling call must come first (the peak-memory steps follow: per model, train then forward)."""
+    modes = []
+
+    def recorded_unet2d(sample_size: int) -> UNet2DModel:
+        model = tiny_unet2d(sample_size)
+        model.register_forward_pre_hook(lambda module, args: modes.append("T" if module.training else "I"))
+        return model
+
+    settings = BenchmarkSettings(resolutions=(16,), batch_sizes=(1,), train_resolution=16, train_batch_size=1,
+                                 sampling_batch_size=1, sampling_steps=2, repeats=2, sampling_repeats=1)
+    run_benchmark({"a": recorded_unet2d, "b": recorded_unet2d}, baseline="a", settings=settings)
+    timed, peak_memory = "".join(modes[:-4]), "".join(modes[-4:])
+    assert re.fullmatch(r"I+T+", timed), timed
+    assert timed.count("T") == 2 * (settings.warmup + settings.repeats)
+    assert peak_memory == "TITI"
 
 
 def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_path):

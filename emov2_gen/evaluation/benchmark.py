@@ -3,6 +3,11 @@
 Timings are wall-clock, interleaved: each repetition runs every metric for every model in turn (round-robin),
 after warm-up, and the median is reported, so a slow patch on a shared machine hits all models alike. (On a
 busy CPU, prefer one torch thread: with two, every op waits for the descheduled thread and timings explode.)
+Inference is timed first (forward latencies, then DDIM sampling) and the training step last. On CPU, once a
+process has run training steps, its heap holds their freed activations, and every later inference op ran a few
+percent slower (without page faults: the temporaries land elsewhere); the model that allocates more suffered
+more (emov2-5m's forward about twice as much as unet2d-5m's). Timed after training, the forwards measured that
+history as much as the models.
 Peak memory is the most tensor memory the step allocates beyond what was already allocated (weights,
 optimizer state): `torch.cuda.max_memory_allocated` on CUDA; on CPU the running sum of the CPU allocator's
 `[memory]` events recorded by `torch.profiler` (tensor bytes, not RSS).
@@ -389,13 +394,13 @@ def run_benchmark(
         values[name]["parameters"] = float(subject.models[settings.train_resolution].num_parameters())
         values[name].update({f"gflops_{res}px": gflops for res, gflops in subject.gflops.items()})
 
-    latency_cases: dict[str, dict[str, Callable[[], None]]] = {
+    # Inference first, then training: see the module docstring.
+    forward_cases: dict[str, dict[str, Callable[[], None]]] = {
         f"forward_ms_bs{b}_{res}px": {name: s.forward(b, res) for name, s in subjects.items()}
         for res in settings.resolutions
         for b in settings.batch_sizes
     }
-    latency_cases["train_step_ms"] = {name: s.train_step() for name, s in subjects.items()}
-    timings = _interleaved_seconds(latency_cases, settings.repeats, settings.warmup, device, "latency")
+    timings = _interleaved_seconds(forward_cases, settings.repeats, settings.warmup, device, "forward")
     for subject in subjects.values():  # the pipeline passes 0-d timesteps: warm up (and compile) that path too
         for _ in range(settings.warmup):
             subject.sampling(num_inference_steps=1)()
@@ -403,6 +408,12 @@ def run_benchmark(
         {"sampling_images_per_s": {name: s.sampling(settings.sampling_steps) for name, s in subjects.items()}},
         settings.sampling_repeats, 0, device, "sampling",
     )
+    training = _interleaved_seconds(
+        {"train_step_ms": {name: s.train_step() for name, s in subjects.items()}},
+        settings.repeats, settings.warmup, device, "training",
+    )
+    for name in subjects:
+        timings[name].update(training[name])
     for name in subjects:
         values[name].update({metric: 1e3 * statistics.median(seconds) for metric, seconds in timings[name].items()})
         values[name]["sampling_images_per_s"] = settings.sampling_batch_size / statistics.median(
