@@ -5,10 +5,10 @@
     python eval/benchmark.py --models emov2-5m unet2d-5m --quick --output_dir /tmp/bench
     python eval/benchmark.py --device cuda --dtype bf16 --channels_last --compile --output_dir outputs/benchmark-gpu
 
-Measures parameters, GFLOPs per image, forward latency (batch 1 and 16, 32x32 and 64x64), a training step
-(forward + backward + AdamW, batch 16, 32x32), peak memory and DDIM-50 sampling throughput (batch 16), interleaved
-over the models, and reports medians as ratios to the baseline. Prints the table and writes OUTPUT_DIR/benchmark.json
-and OUTPUT_DIR/benchmark.md.
+Measures parameters, GFLOPs per image, forward latency (batch 1 and 16, 32x32 and 64x64), DDIM-50 sampling
+throughput (batch 16), a training step (forward + backward + AdamW, batch 16, 32x32) and peak memory, interleaved
+over the models (inference before training), and reports medians as ratios to the baseline. Prints the table and
+writes OUTPUT_DIR/benchmark.json and OUTPUT_DIR/benchmark.md.
 """
 
 import argparse

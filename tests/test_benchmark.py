@@ -159,6 +159,7 @@ def test_report_has_every_metric_and_baseline_ratios_of_one(make_tiny_unet, tmp_
     assert saved["baseline"] == "tiny-unet2d"
     assert saved["environment"]["torch_threads"] == 1
     assert saved["environment"]["cpu_allocator"] in md_path.read_text()  # how memory was allocated, beside the table
+    assert "inference (forwards, then sampling) timed before the training step" in md_path.read_text()
     assert [m["name"] for m in saved["models"]] == ["tiny-unet2d", "tiny-emov2"]
     assert saved["models"][1]["class"] == "EMOv2UNet2DModel"
     assert saved["models"][1]["ratios"] == pytest.approx(ratios["tiny-emov2"])

@@ -184,7 +184,8 @@ class BenchmarkReport:
             f"Ratios are model / `{self.baseline}` (time, memory: lower is better; img/s: higher is better); "
             "timed ratios are medians of per-repetition ratios. "
             f"Medians of {s.repeats} interleaved repetitions ({s.sampling_repeats} for sampling) after {s.warmup} "
-            f"warm-up; device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
+            "warm-up, inference (forwards, then sampling) timed before the training step; "
+            f"device {env['device_name']}, {env['torch_threads']} torch threads, dtype {s.dtype}, "
             f"channels_last {s.channels_last}, compile {s.compile}, torch {env['torch']}"
             + "".join(f"; {item}" for item in context) + ".",
             "",
