@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, InterpConv, LayerNorm2d, make_act, make_norm
+from emov2_gen.layers.norms import can_overwrite
 from emov2_gen.layers.sew_mhsa import merge_windows, partition_both_windows, partition_windows, window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +97,22 @@ def test_window_attention_equals_sdpa(value_dim):
     v = torch.randn(6, 3, 64, value_dim, generator=g)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(window_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(8, 4), (8, 12)])
+def test_merged_partitions_with_one_head_match_the_reference_forward_and_backward(size, sew_mhsa_reference):
+    """One head and equal q/v widths (SDPA, which keeps its output for backward). At 8 x 4 with 4 x 4 windows the
+    local merge is a view of that output, which the dilated half must then not be added into."""
+    attn, to_value = attention_and_values(dim=8, mid=8, head_dim=8, window_size=4)
+    x = torch.randn(2, 8, *size)
+    leaf, reference_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = attn(leaf, to_value), sew_mhsa_reference(attn, reference_leaf, to_value)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out)
+    (got,), (want,) = torch.autograd.grad(out, leaf, grad), torch.autograd.grad(expected, reference_leaf, grad)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(x, to_value), out.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dilated", [False, True])
@@ -382,21 +399,39 @@ def test_inplace_activation_overwrites_its_input_only_when_autograd_is_not_recor
     torch.testing.assert_close(grad, torch.autograd.grad(plain(leaf_plain).sum(), leaf_plain)[0], rtol=0, atol=0)
 
 
-def test_i2rmb_inference_equals_the_autograd_forward():
-    """The blocks' in-place activations in inference give exactly the output of the recorded forward."""
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("out_channels, norm", [(24, "ln"), (16, "ln"), (16, "none")])
+def test_i2rmb_inference_equals_the_autograd_forward(attention, out_channels, norm):
+    """The blocks' in-place writes in inference (activations, modulation, residual, window merge) give exactly the
+    output of the recorded forward and leave the input intact: with an identity shortcut the residual is `x` itself,
+    and with no pre-norm the modulation's operand is too."""
     torch.manual_seed(0)
-    for attention in (False, True):
-        block = I2RMB(16, 24, expansion=3, attention=attention, head_dim=8, window_size=2,
-                      norm="ln", act="gelu", dw_norm="ln", dw_act="gelu", layer_scale_init=None,
-                      conv_shortcut=True, temb_channels=12).eval()
-        x, temb = torch.randn(2, 16, 5, 6), torch.randn(2, 12)
-        with torch.no_grad():
-            block.modulation.linear.weight.normal_()  # a live gate, so the branch reaches the output
-        recorded = block(x, temb)
-        assert recorded.requires_grad
-        with torch.inference_mode():
-            inferred = block(x, temb)
-        assert torch.equal(inferred, recorded.detach())
+    block = I2RMB(16, out_channels, expansion=3, attention=attention, head_dim=8, window_size=2,
+                  norm=norm, act="gelu", dw_norm="ln", dw_act="gelu", layer_scale_init=None,
+                  conv_shortcut=True, temb_channels=12).eval()
+    x, temb = torch.randn(2, 16, 5, 6), torch.randn(2, 12)
+    with torch.no_grad():
+        block.modulation.linear.weight.normal_()  # a live gate, so the branch reaches the output
+    recorded = block(x, temb)
+    assert recorded.requires_grad
+    untouched = x.clone()
+    with torch.inference_mode():
+        inferred = block(x, temb)
+    assert torch.equal(inferred, recorded.detach())
+    assert torch.equal(x, untouched)
+
+
+def test_can_overwrite_needs_the_result_shape_and_dtype_and_no_autograd():
+    out, row = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 1, 1)
+    assert can_overwrite(out, out, row)
+    assert not can_overwrite(row, out, row)  # the result is larger than `row`
+    assert not can_overwrite(out, torch.randn(3, 3, 1, 1))  # not broadcastable to `out`
+    assert not can_overwrite(out, out, row.double())  # the result would be float64
+    assert not can_overwrite(out, out, row[0, :, 0, 0])  # broadcastable, but of lower rank: not taken
+    row.requires_grad_()
+    assert not can_overwrite(out, out, row)  # autograd would record the op
+    with torch.no_grad():
+        assert can_overwrite(out, out, row)
 
 
 def test_unknown_norm_or_activation_raises():

@@ -264,6 +264,19 @@ def test_bfloat16_forward_is_close_to_float32(model, sample):
     assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_sees_one_graph(training):
+    """No graph breaks, in inference (in-place writes, the window merge's eager-only storage check) or training.
+    16x16 with 4x4 windows: the attention levels merge both window partitions."""
+    torch.manual_seed(0)
+    model = EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=16, window_size=4).train(training)
+    sample, timesteps = torch.randn(2, 3, 16, 16), torch.tensor([1, 500])
+    with torch.inference_mode(not training):
+        explanation = torch._dynamo.explain(model)(sample, timesteps)
+    torch._dynamo.reset()
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
 def test_torch_compile_matches_eager_forward_and_gradients():
     """torch.compile (inductor, static shapes, as eval/benchmark.py --compile) gives the eager output and gradients,
     with the in-place inference activations inside the graph. Two levels at 8x8 keep the compile to about a minute."""

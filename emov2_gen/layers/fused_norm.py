@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .norms import InferenceInplaceAct, LayerNorm2d
+from .norms import InferenceInplaceAct, LayerNorm2d, autograd_records, can_overwrite
 
 try:
     import triton
@@ -169,10 +169,7 @@ def kernel_applies(
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()  # inductor fuses the eager ops itself
-        and not (
-            torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, *operands, norm.weight, norm.bias))
-        )
+        and not autograd_records(x, *operands, norm.weight, norm.bias)
     )
 
 
@@ -195,7 +192,8 @@ def norm_act(
         return channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, kind, residual)
     y = norm(x)
     if scale is not None:
-        y = torch.addcmul(shift, y, 1 + scale)
+        # Into the norm's fresh output where allowed; an identity norm returns `x` itself, which must stay intact.
+        y = torch.addcmul(shift, y, 1 + scale, out=y if y is not x and can_overwrite(y, shift, y, scale) else None)
     if act is not None:
         y = act(y)
     if residual is None:

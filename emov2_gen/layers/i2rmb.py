@@ -28,7 +28,7 @@ from torchvision.ops import StochasticDepth
 
 from .conditioning import AdaLNModulation
 from .fused_norm import norm_act
-from .norms import NORM_EPS, make_act, make_norm
+from .norms import NORM_EPS, can_overwrite, make_act, make_norm
 from .sew_mhsa import PARTITIONS, SEWMHSA
 
 
@@ -144,7 +144,9 @@ class I2RMB(nn.Module):
         if scale is None and self.layer_scale is not None:
             scale = self.layer_scale.view(1, -1, 1, 1)
         if self.residual and scale is not None and isinstance(self.drop_path, nn.Identity):
-            return torch.addcmul(self.shortcut(x), z, scale)  # one pass for the scaled residual add
+            # One pass for the scaled residual add, into the projection's fresh output where allowed.
+            shortcut = self.shortcut(x)
+            return torch.addcmul(shortcut, z, scale, out=z if can_overwrite(z, shortcut, z, scale) else None)
         if scale is not None:
             z = z * scale
         if not self.residual:

@@ -6,6 +6,9 @@ channel LayerNorm + GELU in the attention stages), so layers take them by name.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +43,31 @@ def make_norm(kind: str, channels: int, eps: float = NORM_EPS, affine: bool = Tr
     raise ValueError(f"Unknown norm {kind!r}; expected one of {NORM_TYPES}.")
 
 
+def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an op on `tensors`: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def can_overwrite(out: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    """Whether an elementwise op on `inputs` may write its result into `out` (`out=`), a fresh temporary that nothing
+    else reads: autograd does not record the op, and every input has `out`'s dtype and rank and broadcasts to its shape
+    (stricter than needed, and cheap: layers ask this per call, and a forward makes about a hundred such calls).
+
+    In inference this saves allocating and writing one more tensor the size of a block's activations per op; while
+    autograd records, callers run the out-of-place op, so training and its gradients are unchanged.
+    """
+    shape = out.shape
+    return not autograd_records(*inputs) and all(
+        t is out or (t.dtype == out.dtype and (t.shape == shape or _broadcasts_within(t.shape, shape))) for t in inputs
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _broadcasts_within(shape: torch.Size, target: torch.Size) -> bool:
+    """Same rank, and every size 1 or `target`'s (cached: a model asks about the same few shapes on every call)."""
+    return len(shape) == len(target) and all(s == 1 or s == n for s, n in zip(shape, target))
+
+
 class InferenceInplaceAct(nn.Module):
     """SiLU, exact GELU or ReLU that overwrites its input whenever autograd is not recording it.
 
@@ -61,7 +89,7 @@ class InferenceInplaceAct(nn.Module):
         self.function, self.function_ = self._FUNCTIONS[kind]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if autograd_records(x):
             return self.function(x)
         return self.function_(x)
 

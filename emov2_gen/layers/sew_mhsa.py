@@ -85,14 +85,19 @@ def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: in
 def merge_both_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int) -> torch.Tensor:
     """Sum of the merged local and dilated halves of `partition_both_windows`' layout, channels-last.
 
-    The local half is merged with one copy and the dilated half added straight from window order
-    (viewing the merged map in the dilated pixel order), saving the second merge copy.
+    The local half is merged with one copy and the dilated half added into that copy straight from window
+    order (viewing the merged map in the dilated pixel order): no second merge copy, no third tensor.
     """
     local, dilated = t.chunk(2)
     merged = merge_windows(local, batch, n1, n2, wh, ww, dilated=False)  # (B, C, H, W), NHWC in memory
-    nhwc = merged.permute(0, 2, 3, 1)
-    summed = nhwc.view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1]) + _pixel_view(dilated, batch, n1, n2, wh, ww, True)
-    return summed.view(nhwc.shape).permute(0, 3, 1, 2)
+    grid = merged.permute(0, 2, 3, 1).view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1])
+    dilated_pixels = _pixel_view(dilated, batch, n1, n2, wh, ww, True)
+    if torch.compiler.is_compiling() or merged.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        # Compiled, inductor fuses the add itself (and cannot trace the storage check). Eager, the merge may have
+        # needed no copy (one head, one window across): then `merged` is `t`, which SDPA keeps for backward.
+        return (grid + dilated_pixels).view(merged.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2)
+    grid.add_(dilated_pixels)
+    return merged
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_scale: float = 1.0) -> torch.Tensor:
