@@ -184,8 +184,9 @@ def norm_act(
     """`act(norm(x) * (1 + scale) + shift) + residual` (each part optional): the fused kernel where it applies,
     else the eager ops, for any norm and activation.
 
-    The eager residual add goes into the activation's output in place (one large temporary less), except after
-    ReLU, whose output autograd keeps for its backward.
+    The eager path writes the modulation into the norm's output where `can_overwrite` allows (inference), and the
+    residual add into the activation's output in place (one large temporary less each), except after ReLU, whose
+    output autograd keeps for its backward.
     """
     kind = activation_kind(act)
     if kernel_applies(x, norm, kind, shift, scale, residual):
