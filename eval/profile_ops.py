@@ -56,7 +56,9 @@ class _OpCounter(TorchDispatchMode):
         self.counts[name] += 1
         out = func(*args, **(kwargs or {}))
         if not func.is_view and name not in NO_COPY_OPS:
-            inputs = 0 if name in FACTORY_OPS else _tensor_bytes((args, kwargs))
+            # An `out=` tensor is only written: it is counted once, as the output.
+            read = (args, {key: value for key, value in (kwargs or {}).items() if key != "out"})
+            inputs = 0 if name in FACTORY_OPS else _tensor_bytes(read)
             self.bytes[name] += inputs + _tensor_bytes(out)
         return out
 

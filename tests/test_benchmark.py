@@ -283,6 +283,8 @@ def test_profile_ops_counts_the_bytes_of_copies_not_views():
         a.new_zeros(())  # reads nothing of `a`, writes 4 bytes
         torch.add(a, b)  # two 4000-byte inputs, one 4000-byte output
         torch.mm(w, w[:, :1])  # 4 MB + 4 kB in, 4 kB out: a dense op
+        torch.addcmul(b, a, b, out=a)  # reads three 4000-byte tensors, writes one (the out= tensor, once)
     assert counter.counts["aten.view"] == 1 and counter.bytes["aten.view"] == 0
     assert counter.bytes["aten.add"] == 12_000 and counter.bytes["aten.new_zeros"] == 4
+    assert counter.bytes["aten.addcmul"] == 16_000
     assert counter.dense_bytes() == 4_000_000 + 4_000 + 4_000
