@@ -5,9 +5,9 @@ after warm-up, and the median is reported, so a slow patch on a shared machine h
 busy CPU, prefer one torch thread: with two, every op waits for the descheduled thread and timings explode.)
 Inference is timed first (forward latencies, then DDIM sampling) and the training step last. On CPU, once a
 process has run training steps, its heap holds their freed activations, and every later inference op ran a few
-percent slower (without page faults: the temporaries land elsewhere); the model that allocates more suffered
-more (emov2-5m's forward about twice as much as unet2d-5m's). Timed after training, the forwards measured that
-history as much as the models.
+percent slower (without page faults: the temporaries land elsewhere), and the model that allocates more suffered
+more (emov2-5m more than unet2d-5m; README, "Inference timed before training"). Timed after training, the
+forwards measured that history as much as the models.
 Peak memory is the most tensor memory the step allocates beyond what was already allocated (weights,
 optimizer state): `torch.cuda.max_memory_allocated` on CUDA; on CPU the running sum of the CPU allocator's
 `[memory]` events recorded by `torch.profiler` (tensor bytes, not RSS).

@@ -1,7 +1,9 @@
-"""Normalisation and activation factories used by every EMOv2 layer.
+"""Normalisation and activation factories used by every EMOv2 layer, and the inference-time in-place rules.
 
 EMOv2 switches norms and activations per stage (BatchNorm + SiLU in the convolutional stages,
-channel LayerNorm + GELU in the attention stages), so layers take them by name.
+channel LayerNorm + GELU in the attention stages), so layers take them by name. Where autograd does not
+record, activations and a few elementwise ops write into the fresh tensors they were given
+(`InferenceInplaceAct`, `can_overwrite`) instead of allocating more of the block's widest tensors.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
 def can_overwrite(out: torch.Tensor, *inputs: torch.Tensor) -> bool:
     """Whether an elementwise op on `inputs` may write its result into `out` (`out=`), a fresh temporary that nothing
     else reads: autograd does not record the op, and every input has `out`'s dtype and rank and broadcasts to its shape
-    (stricter than needed, and cheap: layers ask this per call, and a forward makes about a hundred such calls).
+    (stricter than needed, and cheap: layers ask this per call, 44 times per emov2-5m forward).
 
     In inference this saves allocating and writing one more tensor the size of a block's activations per op; while
     autograd records, callers run the out-of-place op, so training and its gradients are unchanged.
