@@ -90,12 +90,13 @@ def merge_both_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, w
     """
     local, dilated = t.chunk(2)
     merged = merge_windows(local, batch, n1, n2, wh, ww, dilated=False)  # (B, C, H, W), NHWC in memory
-    grid = merged.permute(0, 2, 3, 1).view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1])
+    nhwc = merged.permute(0, 2, 3, 1)
+    grid = nhwc.view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1])
     dilated_pixels = _pixel_view(dilated, batch, n1, n2, wh, ww, True)
     if torch.compiler.is_compiling() or merged.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
         # Compiled, inductor fuses the add itself (and cannot trace the storage check). Eager, the merge may have
         # needed no copy (one head, one window across): then `merged` is `t`, which SDPA keeps for backward.
-        return (grid + dilated_pixels).view(merged.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2)
+        return (grid + dilated_pixels).view(nhwc.shape).permute(0, 3, 1, 2)
     grid.add_(dilated_pixels)
     return merged
 
