@@ -415,7 +415,6 @@ def run_benchmark(
     )
     for name in subjects:
         timings[name].update(training[name])
-    for name in subjects:
         values[name].update({metric: 1e3 * statistics.median(seconds) for metric, seconds in timings[name].items()})
         values[name]["sampling_images_per_s"] = settings.sampling_batch_size / statistics.median(
             sampling[name]["sampling_images_per_s"]
