@@ -4,7 +4,10 @@ The denoiser is anything with the `diffusers.UNet2DModel` contract -- an `emov2_
 `UNet2DModel` -- so EMOv2 and baseline models are sampled by the same code. Unconditional models behave as in
 `DDPMPipeline`/`DDIMPipeline` (same noise, same results for the same generator). Class-conditional models take
 `class_labels`; a model trained with a null class (labels randomly replaced by ``null_class_label`` during
-training, see ``train/train_ddpm.py --class_dropout_prob``) also supports classifier-free guidance.
+training, see ``train/train_ddpm.py --class_dropout_prob``) also supports classifier-free guidance. A denoiser
+with learned sigma (``out_channels == 2 * in_channels``, DiT's [epsilon, variance] layout, e.g. a D-EMOv2
+`EMOv2Transformer2DModel`) is sampled through its first ``in_channels`` channels, as `DiTPipeline` does, unless
+the scheduler itself uses a learned variance (``variance_type`` "learned"/"learned_range").
 
 The null class is part of the pipeline's config (``model_index.json``), so a saved pipeline knows it:
 
@@ -95,6 +98,20 @@ class EMOv2ImagePipeline(DiffusionPipeline):
             raise ValueError(f"eta={eta} was given, but {type(self.scheduler).__name__} has no eta parameter.")
         return kwargs
 
+    @staticmethod
+    def _split_learned_sigma(
+        model_output: torch.Tensor, channels: int
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(prediction, variance) of a learned-sigma output with 2 * channels channels, else (output, None)."""
+        if model_output.shape[1] == 2 * channels:
+            prediction, variance = model_output.split(channels, dim=1)
+            return prediction, variance
+        return model_output, None
+
+    def _scheduler_learns_variance(self) -> bool:
+        """Whether the scheduler's step consumes [prediction, variance] itself (DDPM's learned variance types)."""
+        return self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -130,8 +147,10 @@ class EMOv2ImagePipeline(DiffusionPipeline):
                 raise ValueError("Classifier-free guidance needs a denoiser trained with a null class.")
             if class_labels is None:
                 raise ValueError("Classifier-free guidance needs `class_labels` to guide towards.")
-            if self.unet.config.out_channels != self.unet.config.in_channels:
-                raise ValueError("Classifier-free guidance is only defined here for image-shaped model outputs.")
+            if self.unet.config.out_channels not in (self.unet.config.in_channels, 2 * self.unet.config.in_channels):
+                raise ValueError(
+                    "Classifier-free guidance is only defined here for image-shaped model outputs (or learned sigma)."
+                )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} images.")
 
@@ -153,10 +172,14 @@ class EMOv2ImagePipeline(DiffusionPipeline):
             model_input = torch.cat([image, image]) if guided else image
             model_input = self.scheduler.scale_model_input(model_input, t)
             model_output = self.unet(model_input, t, class_labels=labels).sample
-            if guided:
-                conditional, unconditional = model_output.chunk(2)
-                model_output = unconditional + guidance_scale * (conditional - unconditional)
-            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+            prediction, variance = self._split_learned_sigma(model_output, image.shape[1])
+            if guided:  # guidance on the prediction; the variance is the conditional one (as DiTPipeline)
+                conditional, unconditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+                variance = None if variance is None else variance.chunk(2)[0]
+            if variance is not None and self._scheduler_learns_variance():
+                prediction = torch.cat([prediction, variance], dim=1)
+            image = self.scheduler.step(prediction, t, image, **step_kwargs).prev_sample
 
         images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()

@@ -1,4 +1,4 @@
-"""Named denoiser presets: EMOv2 UNets and the diffusers `UNet2DModel` baselines they are compared with.
+"""Named denoiser presets: EMOv2 UNets, the D-EMOv2 (DEMO) transformers, and the diffusers `UNet2DModel` baselines.
 
 `build_denoiser(name, ...)` is what the training, evaluation and benchmark scripts call, so that an
 EMOv2 preset and a baseline are built (and compared) through one code path.
@@ -13,6 +13,7 @@ from typing import Any, Optional
 from diffusers import UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
+from .transformer_2d import EMOV2_TRANSFORMER_PRESETS, EMOv2Transformer2DModel
 from .unet_2d import EMOV2_UNET_PRESETS, EMOv2UNet2DModel
 
 # Baseline UNet2DModel configs (resolution/channels are filled in by `build_denoiser`).
@@ -33,8 +34,8 @@ BASELINE_UNET2D_PRESETS: dict[str, dict[str, Any]] = {
     "ddpm-cifar10-32": dict(_DDPM_CIFAR_BLOCKS, block_out_channels=(128, 256, 256, 256), dropout=0.1),
 }
 
-DENOISER_PRESETS = tuple(EMOV2_UNET_PRESETS) + tuple(BASELINE_UNET2D_PRESETS)
-DENOISER_CLASSES = {cls.__name__: cls for cls in (EMOv2UNet2DModel, UNet2DModel)}
+DENOISER_PRESETS = tuple(EMOV2_UNET_PRESETS) + tuple(EMOV2_TRANSFORMER_PRESETS) + tuple(BASELINE_UNET2D_PRESETS)
+DENOISER_CLASSES = {cls.__name__: cls for cls in (EMOv2UNet2DModel, EMOv2Transformer2DModel, UNet2DModel)}
 
 
 def build_denoiser(
@@ -45,7 +46,17 @@ def build_denoiser(
     num_class_embeds: Optional[int] = None,
     **overrides: Any,
 ) -> ModelMixin:
-    """Build a randomly initialised denoiser from a preset name (EMOv2 or baseline UNet2DModel)."""
+    """Build a randomly initialised denoiser from a preset name (EMOv2 UNet, D-EMOv2 transformer or baseline UNet2DModel).
+
+    `out_channels=None` means the class's default: `in_channels` for the UNets; for the DEMO transformers the
+    preset's learned sigma, 2 * `in_channels` ([epsilon, variance], DiT's convention; `learn_sigma=False` gives
+    `in_channels`). `num_class_embeds` replaces the DEMO presets' 1001 ImageNet rows (None: unconditional).
+    """
+    if name in EMOV2_TRANSFORMER_PRESETS:
+        fields = dict(sample_size=sample_size, in_channels=in_channels, num_class_embeds=num_class_embeds)
+        if out_channels is not None:
+            fields["out_channels"] = out_channels
+        return EMOv2Transformer2DModel.from_preset(name, **fields, **overrides)
     common = dict(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -60,12 +71,19 @@ def build_denoiser(
 
 
 def downsampling_factor(model: ModelMixin) -> int:
-    """Total spatial downsampling of either denoiser class: one 2x step between consecutive levels."""
+    """What H and W must be multiples of: the patch size of a DEMO transformer, else the UNet's total downsampling
+    (one 2x step between consecutive levels). Attention windows are checked by the models' forward."""
+    if isinstance(model, EMOv2Transformer2DModel):
+        return model.config.patch_size
     return 2 ** (len(model.config.block_out_channels) - 1)
 
 
 def denoiser_from_config(path: str | Path, **overrides: Any) -> ModelMixin:
-    """Build a randomly initialised denoiser from a `config.json` of either class (file or folder)."""
+    """Build a randomly initialised denoiser from a `config.json` of any denoiser class (file or folder).
+
+    An `out_channels=None` override means the class's default, as in `build_denoiser`: `in_channels` for the UNets,
+    re-derived from `learn_sigma` and `in_channels` for the DEMO transformer.
+    """
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
@@ -77,4 +95,7 @@ def denoiser_from_config(path: str | Path, **overrides: Any) -> ModelMixin:
             f"{config_file} describes a {class_name!r}; expected one of {', '.join(DENOISER_CLASSES)}."
         )
     cls = DENOISER_CLASSES[class_name]
-    return cls.from_config({**config, **overrides})
+    config = {**config, **overrides}
+    if config.get("out_channels") is None and cls is not EMOv2Transformer2DModel:
+        config["out_channels"] = config.get("in_channels", 3)
+    return cls.from_config(config)
