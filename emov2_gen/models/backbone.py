@@ -15,10 +15,11 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (see aligned_loading)
 from torch import nn
 
 from ..layers import I2RMB, ConvNormAct, LayerNorm2d
+from .aligned_loading import AlignedLoadingMixin
 
 EMOV2_BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     "emov2-1m": dict(
@@ -91,7 +92,7 @@ def read_official_checkpoint(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-class EMOv2Backbone(ModelMixin, ConfigMixin):
+class EMOv2Backbone(AlignedLoadingMixin, ConfigMixin):
     """EMOv2 classifier backbone (`from_preset("emov2-1m" | "emov2-2m" | "emov2-5m" | "emov2-20m")`).
 
     `forward(x)` returns logits (B, num_classes), or pooled features when `num_classes == 0`;

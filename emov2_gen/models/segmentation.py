@@ -33,11 +33,12 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (see aligned_loading)
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..layers import I2RMB, ConvNormAct, InterpConv
+from .aligned_loading import AlignedLoadingMixin
 from .backbone import EMOV2_BACKBONE_PRESETS, EMOv2Backbone
 from .segmentation_heads import ASPPHead, FCNHead
 from .segmentation_losses import cross_entropy_dice_loss
@@ -88,7 +89,7 @@ class UpConvBlock(nn.Module):
         return self.block(torch.cat([skip, self.upsample(x)], dim=1))
 
 
-class EMOv2UNetForSegmentation(ModelMixin, ConfigMixin):
+class EMOv2UNetForSegmentation(AlignedLoadingMixin, ConfigMixin):
     """UNet-style semantic segmentation with i2RMB (or plain conv) blocks; `from_preset` lists the layouts.
 
     `model(pixel_values, labels=None)` returns a `SegmentationOutput`; with `labels` (B, H, W) of class ids

@@ -50,11 +50,12 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype  # noqa: F401 (see aligned_loading)
 from torch import nn
 
 from ..blocks.unet_2d_blocks import conditioned_i2rmb
 from ..layers import make_norm
+from .aligned_loading import AlignedLoadingMixin
 
 TIMESTEP_PROJ_CHANNELS = 256  # DiT's (and diffusers' CombinedTimestepLabelEmbeddings') frequency embedding width
 PRESET_WINDOW_SIZE = 8
@@ -84,7 +85,7 @@ def fit_window(window_size: int, sample_size: Union[int, tuple[int, int], list[i
     return next(w for w in range(min(window_size, grid_h, grid_w), 0, -1) if grid_h % w == 0 and grid_w % w == 0)
 
 
-class EMOv2Transformer2DModel(ModelMixin, ConfigMixin):
+class EMOv2Transformer2DModel(AlignedLoadingMixin, ConfigMixin):
     """D-EMOv2: DiT's embedders and adaLN final layer around a stack of adaLN-modulated i2RMBs (see the module doc).
 
     Config keys shared with `DiTTransformer2DModel` keep its names and meaning: `num_attention_heads`,

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
-from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype  # noqa: F401 (see aligned_loading)
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
@@ -31,6 +31,7 @@ from ..blocks.unet_2d_blocks import (
 )
 from ..layers import make_norm
 from ..layers.fused_norm import norm_act
+from .aligned_loading import AlignedLoadingMixin
 
 _ATTN_LEVELS = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D")
 _ATTN_UP = ("EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2UpBlock2D")
@@ -52,7 +53,7 @@ def _per_level(value: Union[int, float, tuple, list], levels: int, name: str) ->
     return values
 
 
-class EMOv2UNet2DModel(ModelMixin, ConfigMixin):
+class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
     """A 2D UNet denoiser of i2RMBs with the contract of `diffusers.UNet2DModel`.
 
     EMOv2-specific config: `expansion_ratios` (e per level), `attention_head_dim` (d_h; int or per
