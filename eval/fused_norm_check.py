@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from emov2_gen.layers import LayerNorm2d, fused_norm, make_act
-from emov2_gen.layers.fused_norm import channel_norm_kernel, fused_norm_enabled, norm_act
+from emov2_gen.layers import LayerNorm2d, fused_norm, make_act, norm_act
+from emov2_gen.layers.fused_norm import channel_norm_kernel, fused_norm_enabled
 from emov2_gen.models.registry import build_denoiser
 
 # (channels, map side) of the EMOv2-5M UNet's LayerNorms at 32x32: pre-norms at C, depth-wise norms at e*C.

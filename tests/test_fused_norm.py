@@ -15,8 +15,14 @@ import textwrap
 import pytest
 import torch
 
-from emov2_gen.layers import LayerNorm2d, fused_norm, make_act
-from emov2_gen.layers.fused_norm import activation_kind, fused_norm_enabled, kernel_applies, norm_act
+from emov2_gen.layers import LayerNorm2d, make_act, norm_act
+from emov2_gen.layers.fused_norm import (
+    activation_kind,
+    fused_kernel_enabled,
+    fused_norm_enabled,
+    kernel_shapes_fit,
+    kernel_takes_operands,
+)
 
 # Runs in a fresh interpreter: TRITON_INTERPRET must be set before the kernel is decorated (at import).
 _KERNEL_CHECK = textwrap.dedent(
@@ -28,7 +34,7 @@ _KERNEL_CHECK = textwrap.dedent(
     torch.manual_seed(0)
     errors = {}
     for channels, act, modulated, residual, layout in itertools.product(
-        (32, 96, 160), ("none", "gelu", "silu", "relu"), (False, True), (False, True), ("nchw", "nhwc")
+        (32, 96, 160), ("none", "gelu", "silu", "relu"), (False, True, "batch1"), (False, True), ("nchw", "nhwc")
     ):
         b, h, w = 3, 5, 7  # 105 rows per sample: not a multiple of any block of rows
         x = torch.randn(b, channels, h, w) * 3 + 1
@@ -38,7 +44,8 @@ _KERNEL_CHECK = textwrap.dedent(
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
         # adaLN's split views of one (B, 2C + 4, 1, 1) projection: channel stride 1, sample stride 2C + 4
-        params = torch.randn(b, 2 * channels + 4, 1, 1) * 0.5
+        # (modulated == "batch1": one (1, C, 1, 1) modulation broadcast over the batch, as with a batch-1 temb)
+        params = torch.randn(1 if modulated == "batch1" else b, 2 * channels + 4, 1, 1) * 0.5
         shift, scale, _ = params.split((channels, channels, 4), dim=1)
         res = torch.randn(b, channels, h, w) if residual else None
         with torch.no_grad():
@@ -52,7 +59,7 @@ _KERNEL_CHECK = textwrap.dedent(
                 x, norm.weight, norm.bias, norm.eps, shift if modulated else None, scale if modulated else None,
                 act, res,
             )
-        key = f"C{channels}-{act}-mod{int(modulated)}-res{int(residual)}-{layout}"
+        key = f"C{channels}-{act}-mod{modulated}-res{int(residual)}-{layout}"
         errors[key] = [(out - expected).abs().max().item(), expected.abs().max().item(),
                        out.is_contiguous(memory_format=torch.channels_last), list(out.shape)]
 
@@ -82,7 +89,7 @@ def test_kernel_matches_the_eager_ops_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 3 * 4 * 2 * 2 * 2 + 1
+    assert len(errors) == 3 * 4 * 3 * 2 * 2 + 1
     model_error, model_scale, _, _ = errors.pop("emov2-1m")
     assert 0 < model_error <= 1e-5 * model_scale, model_error  # the kernel ran (rounding differs) and matches
     for key, (max_error, scale, channels_last, shape) in errors.items():
@@ -91,41 +98,85 @@ def test_kernel_matches_the_eager_ops_in_the_interpreter():
         assert max_error <= 1e-5 * max(1.0, scale), (key, max_error)
 
 
-def test_eager_path_is_taken_off_cuda_and_when_disabled():
-    norm, act = LayerNorm2d(8), make_act("gelu", inplace=True)
-    x = torch.randn(2, 8, 4, 4)
+def test_environment_switch_is_read_at_each_call_and_the_context_manager_wins(monkeypatch):
+    monkeypatch.setenv("EMOV2_GEN_FUSED_NORM", "1")
+    assert fused_kernel_enabled()  # Triton comes with the test extra
+    monkeypatch.setenv("EMOV2_GEN_FUSED_NORM", "0")  # after import: still honoured
+    assert not fused_kernel_enabled()
+    with fused_norm_enabled(True):
+        assert fused_kernel_enabled()
+        with fused_norm_enabled(False):
+            assert not fused_kernel_enabled()
+        assert fused_kernel_enabled()
+    assert not fused_kernel_enabled()
+
+
+def test_kernel_conditions_on_the_tensors(monkeypatch):
+    big = torch.randn(1, 32, 256, 256)  # 2^21 elements: MIN_FUSED_NUMEL
     with torch.no_grad():
-        assert not kernel_applies(x, norm, activation_kind(act))  # CPU tensor: the eager ops run
-        torch.testing.assert_close(norm_act(x, norm, act), torch.nn.functional.gelu(norm(x)))
-    before = fused_norm._enabled  # EMOV2_GEN_FUSED_NORM's setting
-    with fused_norm_enabled(False):
-        assert not fused_norm._enabled
-    assert fused_norm._enabled == before
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert not kernel_takes_operands(big)  # a CPU tensor: eager ops
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernel_takes_operands(big)
+        assert not kernel_takes_operands(big[:, :, :128])  # too small to pay off
+        assert not kernel_takes_operands(big.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernel_takes_operands(big)
+    weight = torch.ones(32, requires_grad=True)
+    assert not kernel_takes_operands(big, weight)  # autograd records: the kernel has no backward
+    with torch.no_grad():
+        assert kernel_takes_operands(big, weight)
 
 
-def test_activation_kinds():
+def test_kernel_shapes_fit_only_what_it_computes():
+    x = torch.randn(3, 8, 4, 4)
+    assert kernel_shapes_fit(x, None, None, None)
+    assert kernel_shapes_fit(x, torch.randn(3, 8, 1, 1), torch.randn(3, 8, 1, 1), torch.randn(3, 8, 4, 4))
+    assert kernel_shapes_fit(x, torch.randn(1, 8, 1, 1), torch.randn(1, 8, 1, 1), None)  # batch-1 broadcast
+    assert not kernel_shapes_fit(x, torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), None)  # per-pixel modulation
+    assert not kernel_shapes_fit(x, torch.randn(6, 8, 1, 1), torch.randn(6, 8, 1, 1), None)  # would broadcast x
+    assert not kernel_shapes_fit(x, None, None, torch.randn(1, 8, 4, 4))  # a broadcasting residual
+    assert not kernel_shapes_fit(x[0], None, None, None)
+
+
+def test_activation_kinds_are_an_allowlist():
+    class LeakyReLUNamedRelu(torch.nn.ReLU):  # a subclass may compute something else: not taken
+        def forward(self, x):
+            return torch.nn.functional.leaky_relu(x)
+
     assert activation_kind(None) == "none"
     assert activation_kind(torch.nn.Identity()) == "none"
-    assert activation_kind(make_act("gelu", inplace=True)) == "gelu"
-    assert activation_kind(torch.nn.GELU()) == "gelu"
+    assert activation_kind(make_act("gelu")) == "gelu"
     assert activation_kind(torch.nn.GELU(approximate="tanh")) is None  # not implemented: eager path
-    assert activation_kind(torch.nn.SiLU()) == "silu"
-    assert activation_kind(torch.nn.ReLU()) == "relu"
+    assert activation_kind(make_act("silu")) == "silu"
+    assert activation_kind(make_act("relu")) == "relu"
     assert activation_kind(torch.nn.Tanh()) is None
+    assert activation_kind(torch.nn.LeakyReLU()) is None
+    assert activation_kind(LeakyReLUNamedRelu()) is None
 
 
-@pytest.mark.parametrize("kind", ["relu", "gelu"])
-def test_eager_residual_add_keeps_gradients_exact(kind):
-    """The eager path adds the residual into the activation's output in place, except after ReLU, whose output
-    autograd saves: an in-place add there would fail the backward."""
+@pytest.mark.parametrize("kind", ["relu", "gelu", "silu"])
+def test_norm_act_matches_the_composed_ops_with_exact_gradients_and_leaves_inputs_alone(kind):
     torch.manual_seed(0)
-    norm, act = LayerNorm2d(8), make_act(kind, inplace=True)
+    norm, act = LayerNorm2d(8), make_act(kind)
+    torch.nn.init.normal_(norm.weight)
     x, residual = torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 8, 4, 4, requires_grad=True)
-    out = norm_act(x, norm, act, residual=residual)
+    shift, scale = torch.randn(2, 8, 1, 1, requires_grad=True), torch.randn(2, 8, 1, 1, requires_grad=True)
+    kept = residual.detach().clone()
+    out = norm_act(x, norm, act, shift, scale, residual)
+    assert torch.equal(residual.detach(), kept) and out.data_ptr() != residual.data_ptr()
     out.square().sum().backward()
-    x_ref, residual_ref = x.detach().requires_grad_(), residual.detach().requires_grad_()
-    reference = getattr(torch.nn.functional, kind)(norm(x_ref)) + residual_ref
+    leaves = [t.detach().requires_grad_() for t in (x, shift, scale, residual)]
+    x_ref, shift_ref, scale_ref, residual_ref = leaves
+    y = torch.nn.functional.layer_norm(x_ref.permute(0, 2, 3, 1), (8,), norm.weight, norm.bias, norm.eps)
+    y = y.permute(0, 3, 1, 2) * (1 + scale_ref) + shift_ref
+    reference = getattr(torch.nn.functional, kind)(y) + residual_ref
     reference.square().sum().backward()
     torch.testing.assert_close(out, reference)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(residual.grad, residual_ref.grad)
+    for got, want in zip((x, shift, scale, residual), leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_norm_act_refuses_half_a_modulation():
+    with pytest.raises(ValueError, match="both shift and scale"):
+        norm_act(torch.randn(1, 4, 2, 2), LayerNorm2d(4), shift=torch.zeros(1, 4, 1, 1))

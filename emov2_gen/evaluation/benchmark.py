@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from ..cpu_allocator import cpu_allocator_description
-from ..layers.fused_norm import fused_norm_available
+from ..layers.fused_norm import fused_kernel_enabled
 from .flops import FLOP_CONVENTION, count_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -240,7 +240,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         **({"cpu_allocator": cpu_allocator_description()} if device.type == "cpu" else {}),
-        **({"fused_layernorm_kernel": fused_norm_available()} if device.type == "cuda" else {}),
+        **({"fused_layernorm_kernel": fused_kernel_enabled()} if device.type == "cuda" else {}),
     }
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_norm import norm_act
-from .norms import NORM_EPS, make_act, make_norm
+from .norms import NORM_EPS, make_act, make_norm, norm_act
 
 
 class ConvNormAct(nn.Sequential):
@@ -38,7 +37,7 @@ class ConvNormAct(nn.Sequential):
             bias=bias,
         )
         self.norm = make_norm(norm, out_channels, eps=eps)
-        self.act = make_act(act, inplace=True)  # its input is always the fresh norm/conv output
+        self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return norm_act(self.conv(x), self.norm, self.act)

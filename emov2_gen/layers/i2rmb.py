@@ -27,8 +27,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from .conditioning import AdaLNModulation
-from .fused_norm import norm_act
-from .norms import NORM_EPS, can_overwrite, make_act, make_norm
+from .norms import NORM_EPS, make_act, make_norm, norm_act
 from .sew_mhsa import PARTITIONS, SEWMHSA
 
 
@@ -104,14 +103,14 @@ class I2RMB(nn.Module):
         self.norm = make_norm(norm, in_channels, eps=norm_eps)
         self.modulation = AdaLNModulation(temb_channels, in_channels, out_channels) if temb_channels else None
         # The expansion; in the attention variant it doubles as the value projection.
-        self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act, inplace=True))
+        self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act))
         self.attn = (
             SEWMHSA(in_channels, head_dim, window_size, num_heads, partitions=partitions, qkv_bias=qkv_bias) if attention else None
         )
         self.dw = nn.Sequential(
             nn.Conv2d(mid, mid, kernel_size, stride=stride, padding=kernel_size // 2, groups=mid, bias=False),
             make_norm(dw_norm, mid, eps=norm_eps),
-            make_act(dw_act, inplace=True),
+            make_act(dw_act),
         )
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Conv2d(mid, out_channels, kernel_size=1, bias=False)
@@ -144,9 +143,7 @@ class I2RMB(nn.Module):
         if scale is None and self.layer_scale is not None:
             scale = self.layer_scale.view(1, -1, 1, 1)
         if self.residual and scale is not None and isinstance(self.drop_path, nn.Identity):
-            # One pass for the scaled residual add, into the projection's fresh output where allowed.
-            shortcut = self.shortcut(x)
-            return torch.addcmul(shortcut, z, scale, out=z if can_overwrite(z, shortcut, z, scale) else None)
+            return torch.addcmul(self.shortcut(x), z, scale)  # one pass for the scaled residual add
         if scale is not None:
             z = z * scale
         if not self.residual:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .conv_norm_act import ConvNormAct
-from .fused_norm import norm_act
+from .norms import norm_act
 from .norms import NORM_EPS
 
 

@@ -1,19 +1,26 @@
-"""Normalisation and activation factories used by every EMOv2 layer, and the inference-time in-place rules.
+"""Normalisation and activation factories used by every EMOv2 layer, and `norm_act`, the norm -> modulation ->
+activation -> residual sequence that the layers share.
 
 EMOv2 switches norms and activations per stage (BatchNorm + SiLU in the convolutional stages,
-channel LayerNorm + GELU in the attention stages), so layers take them by name. Where autograd does not
-record, activations and a few elementwise ops write into the fresh tensors they were given
-(`InferenceInplaceAct`, `can_overwrite`) instead of allocating more of the block's widest tensors.
+channel LayerNorm + GELU in the attention stages), so layers take them by name. Every op here is out of
+place: a module's output is never overwritten later, so forward hooks, caches and autograd see what was computed.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fused_norm import (
+    activation_kind,
+    channel_norm_kernel,
+    fused_kernel_enabled,
+    kernel_shapes_fit,
+    kernel_takes_operands,
+)
 
 NORM_EPS = 1e-6  # the official code uses eps=1e-6 for both BatchNorm2d and LayerNorm2d
 
@@ -45,67 +52,8 @@ def make_norm(kind: str, channels: int, eps: float = NORM_EPS, affine: bool = Tr
     raise ValueError(f"Unknown norm {kind!r}; expected one of {NORM_TYPES}.")
 
 
-def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd would record an op on `tensors`: grad mode is on and one of them requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def can_overwrite(out: torch.Tensor, *inputs: torch.Tensor) -> bool:
-    """Whether an elementwise op on `inputs` may write its result into `out` (`out=`), a fresh temporary that nothing
-    else reads: autograd does not record the op, and every input has `out`'s dtype and rank and broadcasts to its shape
-    (stricter than needed, and cheap: layers ask this per call, 44 times per emov2-5m forward).
-
-    In inference this saves allocating and writing one more tensor the size of a block's activations per op; while
-    autograd records, callers run the out-of-place op, so training and its gradients are unchanged.
-    """
-    shape = out.shape
-    return not autograd_records(*inputs) and all(
-        t is out or (t.dtype == out.dtype and (t.shape == shape or _broadcasts_within(t.shape, shape))) for t in inputs
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _broadcasts_within(shape: torch.Size, target: torch.Size) -> bool:
-    """Same rank, and every size 1 or `target`'s (cached: a model asks about the same few shapes on every call)."""
-    return len(shape) == len(target) and all(s == 1 or s == n for s, n in zip(shape, target))
-
-
-class InferenceInplaceAct(nn.Module):
-    """SiLU, exact GELU or ReLU that overwrites its input whenever autograd is not recording it.
-
-    For an activation straight after a conv or norm, whose output nothing else reads: in inference
-    (and for inputs that need no gradient) it skips allocating and writing a second tensor of the
-    block's widest activations. While autograd records, it runs out of place, so training and its
-    gradients are exactly those of the plain module. The result is the same either way.
-    """
-
-    _FUNCTIONS = {
-        "silu": (F.silu, torch.ops.aten.silu_),
-        "gelu": (F.gelu, torch.ops.aten.gelu_),
-        "relu": (F.relu, torch.relu_),
-    }
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.function, self.function_ = self._FUNCTIONS[kind]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if autograd_records(x):
-            return self.function(x)
-        return self.function_(x)
-
-    def extra_repr(self) -> str:
-        return self.kind
-
-
-def make_act(kind: str, inplace: bool = False) -> nn.Module:
-    """'silu', 'gelu' (exact erf form, as the official code), 'relu' or 'none'.
-
-    `inplace=True` gives an `InferenceInplaceAct`: only for inputs that are fresh temporaries.
-    """
-    if inplace and kind in InferenceInplaceAct._FUNCTIONS:
-        return InferenceInplaceAct(kind)
+def make_act(kind: str) -> nn.Module:
+    """'silu', 'gelu' (exact erf form, as the official code), 'relu' or 'none'."""
     if kind == "silu":
         return nn.SiLU()
     if kind == "gelu":
@@ -115,3 +63,50 @@ def make_act(kind: str, inplace: bool = False) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"Unknown activation {kind!r}; expected one of {ACT_TYPES}.")
+
+
+def _takes_fused_kernel(
+    x: torch.Tensor,
+    norm: nn.Module,
+    act_kind: Optional[str],
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+) -> bool:
+    """Whether `norm_act` may run the fused CUDA kernel: an affine channel LayerNorm, an activation the kernel
+    implements, and the kernel's own conditions on the tensors (see `fused_norm`)."""
+    return (
+        isinstance(norm, LayerNorm2d)
+        and norm.weight is not None
+        and norm.bias is not None
+        and act_kind is not None
+        and fused_kernel_enabled()
+        and kernel_shapes_fit(x, shift, scale, residual)
+        and kernel_takes_operands(x, shift, scale, residual, norm.weight, norm.bias)
+    )
+
+
+def norm_act(
+    x: torch.Tensor,
+    norm: nn.Module,
+    act: Optional[nn.Module] = None,
+    shift: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`act(norm(x) * (1 + scale) + shift) + residual`, each part optional (shift and scale go together).
+
+    In CUDA inference on large tensors the fused Triton kernel computes it in one pass (`layers.fused_norm`);
+    everywhere else, and whenever autograd records, the eager ops below run. Both compute the same function.
+    """
+    if (shift is None) != (scale is None):
+        raise ValueError("Pass both shift and scale, or neither.")
+    kind = activation_kind(act)
+    if _takes_fused_kernel(x, norm, kind, shift, scale, residual):
+        return channel_norm_kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, kind, residual)
+    y = norm(x)
+    if scale is not None:
+        y = torch.addcmul(shift, y, 1 + scale)
+    if act is not None:
+        y = act(y)
+    return y if residual is None else residual + y

@@ -85,20 +85,16 @@ def merge_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: in
 def merge_both_windows(t: torch.Tensor, batch: int, n1: int, n2: int, wh: int, ww: int) -> torch.Tensor:
     """Sum of the merged local and dilated halves of `partition_both_windows`' layout, channels-last.
 
-    The local half is merged with one copy and the dilated half added into that copy straight from window
-    order (viewing the merged map in the dilated pixel order): no second merge copy, no third tensor.
+    The local half is merged with one copy and the dilated half added to it straight from window order (viewing
+    the merged map in the dilated pixel order), so no second merge copy is made. Out of place: the merged tensor
+    may be the attention output itself (one head, one window across), which SDPA keeps for backward.
     """
     local, dilated = t.chunk(2)
     merged = merge_windows(local, batch, n1, n2, wh, ww, dilated=False)  # (B, C, H, W), NHWC in memory
     nhwc = merged.permute(0, 2, 3, 1)
     grid = nhwc.view(batch, wh, n1, ww, n2, t.shape[1], t.shape[-1])
     dilated_pixels = _pixel_view(dilated, batch, n1, n2, wh, ww, True)
-    if torch.compiler.is_compiling() or merged.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-        # Compiled, inductor fuses the add itself (and cannot trace the storage check). Eager, the merge may have
-        # needed no copy (one head, one window across): then `merged` is `t`, which SDPA keeps for backward.
-        return (grid + dilated_pixels).view(nhwc.shape).permute(0, 3, 1, 2)
-    grid.add_(dilated_pixels)
-    return merged
+    return (grid + dilated_pixels).view(nhwc.shape).permute(0, 3, 1, 2)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_scale: float = 1.0) -> torch.Tensor:
@@ -149,6 +145,16 @@ class SEWMHSA(nn.Module):
         self.window_size = window_size
         self.partitions = tuple(partitions)
         self.qk = nn.Conv2d(dim, 2 * self.num_heads * head_dim, kernel_size=1, bias=qkv_bias)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Optional[Callable] = None) -> None:
+        """diffusers' `enable_xformers_memory_efficient_attention` hook: refused, so that the flag never silently does
+        nothing. The windowed attention already runs `F.scaled_dot_product_attention`, which picks torch's fused
+        (flash / memory-efficient) kernels itself; turning xformers off (`valid=False`) is a no-op."""
+        if valid:
+            raise NotImplementedError(
+                "SEW-MHSA has no xformers path: it runs torch's scaled_dot_product_attention, which already selects "
+                "flash / memory-efficient kernels; drop enable_xformers_memory_efficient_attention for EMOv2 models."
+            )
 
     def forward(self, x: torch.Tensor, to_value: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Attend over `x` (B, C, H, W); `to_value` maps the padded input to values (B, M, H_p, W_p)."""

@@ -29,8 +29,7 @@ from ..blocks.unet_2d_blocks import (
     UP_BLOCK_TYPES,
     get_block,
 )
-from ..layers import make_norm
-from ..layers.fused_norm import norm_act
+from ..layers import make_norm, norm_act
 from .aligned_loading import AlignedLoadingMixin
 
 _ATTN_LEVELS = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D")
