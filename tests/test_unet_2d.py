@@ -91,7 +91,7 @@ def test_samples_in_a_batch_are_processed_independently(model, sample):
     torch.testing.assert_close(batched[1:], predict(model, sample[1:]))
 
 
-@pytest.mark.parametrize("size", [(32, 16), (24, 40), (8, 8)])
+@pytest.mark.parametrize("size", [(32, 16), (48, 32), (16, 16)])  # multiples of 16: what (8, 8, 4, 2) windows tile
 def test_non_square_and_other_sizes_work(model, size):
     sample = torch.randn(1, 3, *size)
     out = predict(model, sample)
@@ -135,6 +135,9 @@ def test_learned_time_embedding_needs_num_train_timesteps(make_tiny_unet):
         ((2, 3, 1, 16, 16), r"Expected a 4-D sample"),
         ((2, 3, 20, 16), r"H and W must be multiples of 8 for this model, got \(20, 16\)"),
         ((2, 3, 16, 12), r"multiples of 8"),
+        # The tiny model's windows are (8, 8, 4, 2): level 1 of a 24x40 input is 12x20, of an 8x8 input 4x4.
+        ((1, 3, 24, 40), r"level 1 a 12x20 map, which its 8x8 windows do not tile .* multiples of 16"),
+        ((1, 3, 8, 8), r"level 1 a 4x4 map, which its 8x8 windows do not tile"),
     ],
 )
 def test_bad_samples_raise_with_what_is_expected(model, shape, message):
@@ -269,7 +272,7 @@ def test_torch_compile_sees_one_graph(training):
     """No graph breaks, in inference (in-place writes, the window merge's eager-only storage check) or training.
     16x16 with 4x4 windows: the attention levels merge both window partitions."""
     torch.manual_seed(0)
-    model = EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=16, window_size=4).train(training)
+    model = EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=16, window_sizes=(4, 4, 4, 2)).train(training)
     sample, timesteps = torch.randn(2, 3, 16, 16), torch.tensor([1, 500])
     with torch.inference_mode(not training):
         explanation = torch._dynamo.explain(model)(sample, timesteps)
@@ -321,6 +324,35 @@ def test_save_and_load_pretrained_roundtrip(model, sample, tmp_path):
     torch.testing.assert_close(predict(loaded, sample), predict(model, sample), rtol=0, atol=0)
 
 
+def test_window_sizes_are_config_and_sample_size_is_metadata(model, sample, tmp_path):
+    assert model.config.window_sizes == (8, 8, 4, 2)  # the 32x32 preset windows (8, 8, 8, 4) fitted to 16x16 maps
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["window_sizes"] == [8, 8, 4, 2]
+    bigger = EMOv2UNet2DModel.from_pretrained(tmp_path, sample_size=64).eval()
+    assert bigger.config.sample_size == 64 and tuple(bigger.config.window_sizes) == (8, 8, 4, 2)
+    torch.testing.assert_close(predict(bigger, sample), predict(model, sample), rtol=0, atol=0)
+    # from_preset fits the preset windows to its sample_size unless window_sizes is given
+    assert EMOv2UNet2DModel.from_preset("emov2-1m").config.window_sizes == (8, 8, 8, 4)
+    assert EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=64).config.window_sizes == (8, 8, 8, 8)
+    assert EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=8).config.window_sizes == (8, 4, 2, 1)
+    assert EMOv2UNet2DModel.from_preset("emov2-1m", sample_size=8, window_sizes=0).window_sizes == (0,) * 4
+    with pytest.raises(ValueError, match="window_sizes"):
+        EMOv2UNet2DModel.from_preset("emov2-1m", window_sizes=(8, 8))
+
+
+def test_configs_saved_with_one_window_size_load_the_windows_they_were_built_with(make_tiny_unet, sample, tmp_path):
+    """Before `window_sizes`, the constructor derived min(window_size, sample_size / 2**i) per level."""
+    old = activate_conditioning(make_tiny_unet())
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["window_sizes"]
+    config["window_size"] = 8  # what such a config held, with its sample_size 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = EMOv2UNet2DModel.from_pretrained(tmp_path, sample_size=64).eval()  # the saved sample_size decides
+    assert tuple(loaded.config.window_sizes) == (8, 8, 4, 2) and "window_size" not in loaded.config
+    torch.testing.assert_close(predict(loaded, sample), predict(old, sample), rtol=0, atol=0)
+
+
 def test_configs_saved_before_upsample_type_load_their_upsample2d_weights(make_tiny_unet, sample, tmp_path):
     old = activate_conditioning(make_tiny_unet(upsample_type="conv"))
     old.save_pretrained(tmp_path)
@@ -357,3 +389,51 @@ def test_drop_path_is_stochastic_in_train_mode_only(make_tiny_unet, sample):
     control = activate_conditioning(make_tiny_unet(drop_path_rate=0.0)).train()  # same model without drop path
     with torch.no_grad():
         torch.testing.assert_close(control(sample, 10).sample, control(sample, 10).sample, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers conventions a user will try
+
+
+def test_xformers_is_refused_clearly_and_disabling_is_a_no_op(model, sample):
+    expected = predict(model, sample)
+    with pytest.raises(NotImplementedError, match="scaled_dot_product_attention"):
+        model.enable_xformers_memory_efficient_attention()
+    model.disable_xformers_memory_efficient_attention()
+    torch.testing.assert_close(predict(model, sample), expected, rtol=0, atol=0)
+
+
+def test_from_pretrained_torch_dtype_loads_weights_in_that_dtype(model, sample, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = EMOv2UNet2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    assert loaded.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    for (name, p), (_, q) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(p, q.to(torch.bfloat16), rtol=0, atol=0, msg=name)  # the saved weights, cast
+    out = predict(loaded, sample.to(torch.bfloat16))
+    expected = predict(model, sample)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_no_split_modules_name_real_submodule_classes(model):
+    classes = {type(m).__name__ for m in model.modules()}
+    assert set(EMOv2UNet2DModel._no_split_modules) <= classes
+
+
+def test_forward_hooks_on_every_module_keep_their_outputs_intact(model, sample):
+    """A cached intermediate (feature extraction, caching pipelines) is never overwritten later in the forward."""
+    kept, copies = [], []
+
+    def keep(module, args, output):
+        for tensor in output if isinstance(output, tuple) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                kept.append(tensor)
+                copies.append(tensor.clone())
+
+    handles = [m.register_forward_hook(keep) for m in model.modules() if m is not model]
+    with torch.inference_mode():
+        model(sample, torch.tensor([3, 700]))
+    for handle in handles:
+        handle.remove()
+    assert len(kept) > 100
+    assert all(torch.equal(output, copy) for output, copy in zip(kept, copies))

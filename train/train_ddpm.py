@@ -115,7 +115,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="With --class_conditional: probability of replacing a label by the null class "
                             "(index num_classes), which enables classifier-free guidance; 0 trains without one.")
     model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="Use xformers attention (GPU, baseline UNet2DModel attention blocks).")
+                       help="Use xformers attention (UNet2DModel only; EMOv2 models refuse it: their SEW-MHSA runs "
+                            "torch's scaled_dot_product_attention, which picks fused kernels itself).")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute block activations in the backward pass: less memory, slower steps.")
 
     diffusion = parser.add_argument_group("diffusion")
     diffusion.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps of the noise schedule.")
@@ -340,7 +343,9 @@ def main(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention:
         if not is_xformers_available():
             raise ValueError("xformers is not available; install it or drop --enable_xformers_memory_efficient_attention.")
-        model.enable_xformers_memory_efficient_attention()
+        model.enable_xformers_memory_efficient_attention()  # EMOv2 models raise NotImplementedError (SEW-MHSA)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
 
     # Resume target (a checkpoint of another model raises here).
     resume_checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir, model, MODEL_SUBFOLDER)

@@ -5,15 +5,19 @@ return_dict=True) -> UNet2DOutput`, so it works unchanged with every diffusers s
 `DDPMPipeline`/`DDIMPipeline`. The time (and optional class) embedding comes from diffusers' own
 embedding layers and enters every i2RMB through adaLN shift/scale/gate (see `layers.conditioning`).
 
-Window sizes: level i of a model with `sample_size` S attends in windows of
-min(window_size, S / 2**i), so the typical 32/16/8/4 maps need no padding (w = 8, 8, 8, 4 for the
-default window_size 8): at 32x32 that is 16 local 8x8 tiles + 16 stride-4 dilated windows, at 8x8
-a single window (both partitions coincide: twice one global attention, as in the official code).
-Other sizes are zero-padded to a multiple of the window and cropped back, as the official code does.
+Window sizes are config (`window_sizes`, one per level; `sample_size` is metadata, as in diffusers): the
+presets attend in (8, 8, 8, 4) windows, which tile the 32/16/8/4 maps of a 32x32 input -- at 32x32 that is
+16 local 8x8 tiles + 16 stride-4 dilated windows, at 8x8 a single window (both partitions coincide: twice
+one global attention, as in the official code). A window size <= 0 attends over the whole map. The
+denoiser never pads: an input whose map at some attention level is not a multiple of that level's window
+raises a `ValueError` naming the sizes that work (the classifier and segmentation models keep the
+official zero padding inside `SEWMHSA`). Configs saved before `window_sizes` existed (`window_size` and
+`sample_size`) load with the windows they were built with (see `extract_init_dict`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -32,9 +36,11 @@ from ..blocks.unet_2d_blocks import (
 from ..layers import make_norm, norm_act
 from .aligned_loading import AlignedLoadingMixin
 
+_DEFAULT_CHANNELS = (32, 64, 128, 160)
 _ATTN_LEVELS = ("EMOv2DownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D", "EMOv2AttnDownBlock2D")
 _ATTN_UP = ("EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2AttnUpBlock2D", "EMOv2UpBlock2D")
 
+PRESET_WINDOW = 8  # the presets' SEW-MHSA window, shrunk per level to the map at their sample_size (`fit_windows`)
 # Four levels at 32/16/8/4 for 32x32 images: conv i2RMBs at full resolution, SEW-MHSA below it.
 # Widths and expansions follow the EMOv2 classifier family's progression, sized to each budget.
 EMOV2_UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -43,6 +49,18 @@ EMOV2_UNET_PRESETS: dict[str, dict[str, Any]] = {
     "emov2-5m": dict(block_out_channels=(32, 64, 128, 160), expansion_ratios=(2.0, 3.0, 3.0, 3.0), attention_head_dim=32),
     "emov2-20m": dict(block_out_channels=(64, 128, 256, 288), expansion_ratios=(2.0, 3.0, 4.0, 4.0), attention_head_dim=32),
 }
+
+
+def fit_windows(window_sizes: tuple[int, ...], sample_size: Any) -> tuple[int, ...]:
+    """Each level's window shrunk to its map at `sample_size`, min(w_i, S / 2**i) (global windows, <= 0, kept).
+
+    The rule the constructor applied before `window_sizes` was config (so old configs load through it), and what
+    `from_preset` applies to the presets' windows at another `sample_size`.
+    """
+    if sample_size is None:
+        return tuple(window_sizes)
+    side = min(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size
+    return tuple(w if w <= 0 else max(1, min(w, side // 2**i)) for i, w in enumerate(window_sizes))
 
 
 def _per_level(value: Union[int, float, tuple, list], levels: int, name: str) -> tuple:
@@ -56,13 +74,15 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
     """A 2D UNet denoiser of i2RMBs with the contract of `diffusers.UNet2DModel`.
 
     EMOv2-specific config: `expansion_ratios` (e per level), `attention_head_dim` (d_h; int or per
-    level), `window_size` (largest SEW-MHSA window), `kernel_size` (depth-wise), `drop_path_rate`
-    (stochastic depth, linear over the encoder+mid+decoder blocks). `upsample_type` is UNet2DModel's
-    key with EMOv2 values: 'interp_conv' (the official EMOv2 UNet's upsampler, default) or 'conv'
-    (diffusers' `Upsample2D`).
+    level), `window_sizes` (SEW-MHSA window per level, or one for all; <= 0: the whole map), `kernel_size`
+    (depth-wise), `drop_path_rate` (stochastic depth, linear over the encoder+mid+decoder blocks).
+    `upsample_type` is UNet2DModel's key with EMOv2 values: 'interp_conv' (the official EMOv2 UNet's upsampler,
+    default) or 'conv' (diffusers' `Upsample2D`).
     """
 
     _supports_gradient_checkpointing = True
+    # Kept whole by `device_map` placement: an i2RMB adds its shortcut to its branch, an up block concatenates skips.
+    _no_split_modules = ["I2RMB", "EMOv2UpBlock2D", "EMOv2AttnUpBlock2D"]
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
@@ -79,11 +99,11 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
         down_block_types: tuple[str, ...] = _ATTN_LEVELS,
         mid_block_type: Optional[str] = "EMOv2MidBlock2D",
         up_block_types: tuple[str, ...] = _ATTN_UP,
-        block_out_channels: tuple[int, ...] = (32, 64, 128, 160),
+        block_out_channels: tuple[int, ...] = _DEFAULT_CHANNELS,
         layers_per_block: int = 2,
         expansion_ratios: Union[float, tuple[float, ...]] = (2.0, 3.0, 3.0, 3.0),
         attention_head_dim: Union[int, tuple[int, ...]] = 32,
-        window_size: int = 8,
+        window_sizes: Union[int, tuple[int, ...]] = (8, 8, 8, 4),
         kernel_size: int = 5,
         dropout: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -104,7 +124,13 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
             raise ValueError(f"Unknown mid_block_type {mid_block_type!r}; expected one of {MID_BLOCK_TYPES} or None.")
         expansions = _per_level(expansion_ratios, levels, "expansion_ratios")
         head_dims = _per_level(attention_head_dim, levels, "attention_head_dim")
-        self.window_sizes = self._level_window_sizes(sample_size, window_size, levels)
+        self.window_sizes = tuple(int(w) for w in _per_level(window_sizes, levels, "window_sizes"))
+        attention_types = ("EMOv2AttnDownBlock2D", "EMOv2AttnUpBlock2D")
+        self._attention_levels = sorted(
+            {i for i, t in enumerate(down_block_types) if t in attention_types}
+            | {levels - 1 - i for i, t in enumerate(up_block_types) if t in attention_types}
+            | ({levels - 1} if mid_block_type else set())
+        )
         ch0 = block_out_channels[0]
 
         # Time and class embeddings: diffusers' own layers, as in UNet2DModel.
@@ -175,13 +201,6 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch0, out_channels, kernel_size=3, padding=1)
 
-    @staticmethod
-    def _level_window_sizes(sample_size: Any, window_size: int, levels: int) -> tuple[int, ...]:
-        if sample_size is None or window_size <= 0:
-            return (window_size,) * levels
-        side = min(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size
-        return tuple(max(1, min(window_size, side // 2**i)) for i in range(levels))
-
     @property
     def downsample_factor(self) -> int:
         """H and W must be multiples of this (one stride-2 block per level but the last), as in UNet2DModel."""
@@ -189,21 +208,38 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> tuple:
-        """Saved configs without `upsample_type` predate it and describe `Upsample2D` models: load them as such.
+        """Older configs load as the models they describe.
 
-        Without this, diffusers would build the new default upsampler and only warn that the saved upsampler
-        weights are unused and the new ones random -- a silently wrong model.
+        - Without `upsample_type` (saved before it existed): `Upsample2D` models. Otherwise diffusers would build
+          the new default upsampler and only warn that the saved upsampler weights are unused -- a silently wrong
+          model.
+        - With `window_size` and no `window_sizes`: the windows the old constructor derived from the saved
+          `sample_size` (`fit_windows`), not from a `sample_size` passed to `from_pretrained`.
         """
         if "_class_name" in config_dict and "upsample_type" not in config_dict:
             config_dict = {**config_dict, "upsample_type": "conv"}
+        if "window_size" in config_dict and "window_sizes" not in config_dict:
+            config_dict = dict(config_dict)
+            levels = len(config_dict.get("block_out_channels", _DEFAULT_CHANNELS))
+            old_windows = (config_dict.pop("window_size"),) * levels
+            config_dict["window_sizes"] = fit_windows(old_windows, config_dict.get("sample_size"))
         return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "EMOv2UNet2DModel":
-        """Build a preset (`emov2-1m`, `emov2-2m`, `emov2-5m`, `emov2-20m`); overrides win."""
+        """Build a preset (`emov2-1m`, `emov2-2m`, `emov2-5m`, `emov2-20m`); overrides win.
+
+        Unless `window_sizes` is given, the presets attend in 8x8 windows, each shrunk to its level's map at
+        `sample_size` (`fit_windows`: (8, 8, 8, 4) at 32x32, (8, 8, 4, 2) at 16x16). The result is stored in the
+        config, and loading it never re-derives it.
+        """
         if name not in EMOV2_UNET_PRESETS:
             raise ValueError(f"Unknown EMOv2 UNet preset {name!r}; valid presets: {', '.join(EMOV2_UNET_PRESETS)}.")
-        return cls(**{"sample_size": 32, **EMOV2_UNET_PRESETS[name], **overrides})
+        config = {"sample_size": 32, **EMOV2_UNET_PRESETS[name], **overrides}
+        if "window_sizes" not in overrides:
+            levels = len(config.get("block_out_channels", _DEFAULT_CHANNELS))
+            config["window_sizes"] = fit_windows((PRESET_WINDOW,) * levels, config["sample_size"])
+        return cls(**config)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if sample.ndim != 4:
@@ -211,8 +247,20 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
         if sample.shape[1] != self.config.in_channels:
             raise ValueError(f"Expected {self.config.in_channels} input channels, got {sample.shape[1]} (shape {tuple(sample.shape)}).")
         factor = self.downsample_factor
-        if sample.shape[-2] % factor or sample.shape[-1] % factor:
-            raise ValueError(f"H and W must be multiples of {factor} for this model, got {tuple(sample.shape[-2:])}.")
+        height, width = sample.shape[-2:]
+        if height % factor or width % factor:
+            raise ValueError(f"H and W must be multiples of {factor} for this model, got {(height, width)}.")
+        for level in self._attention_levels:
+            window = self.window_sizes[level]
+            side_h, side_w = height // 2**level, width // 2**level
+            if window > 0 and (side_h % window or side_w % window):
+                windows = [self.window_sizes[i] * 2**i for i in self._attention_levels if self.window_sizes[i] > 0]
+                multiple = math.lcm(factor, *windows)
+                raise ValueError(
+                    f"A {height}x{width} input gives level {level} a {side_h}x{side_w} map, which its {window}x{window} "
+                    f"windows do not tile (window_sizes={self.window_sizes}; the denoiser does not pad). Use H and W "
+                    f"that are multiples of {multiple}, or window_sizes that divide every attention level's map."
+                )
 
     def _embed(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], class_labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditioning embedding, and the timesteps broadcast to the batch."""
