@@ -8,7 +8,8 @@
 Measures parameters, GFLOPs per image, forward latency (batch 1 and 16, 32x32 and 64x64), DDIM-50 sampling
 throughput (batch 16), a training step (forward + backward + AdamW, batch 16, 32x32) and peak memory, interleaved
 over the models (inference before training), and reports medians as ratios to the baseline. Prints the table and
-writes OUTPUT_DIR/benchmark.json and OUTPUT_DIR/benchmark.md.
+writes OUTPUT_DIR/benchmark.json and OUTPUT_DIR/benchmark.md. Runs in the user's default environment (torch's
+threads, the default allocator); `--cpu_allocator retain` is an opt-in tuning, reported as such.
 """
 
 import argparse

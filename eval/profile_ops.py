@@ -12,7 +12,7 @@ tens of MB of L2). It is split into convolutions/matmuls and everything else. Th
 self CPU time per op (with `--device cuda`: self GPU time, plus a row for kernels launched outside aten ops),
 averaged over `--repeats` runs after one warm-up. Minor page faults per run (memory the OS had to zero-fill; see
 `emov2_gen.cpu_allocator`) are counted over as many unprofiled runs; compare them with
-`--cpu_allocator default`.
+`--cpu_allocator retain` (opt-in; the default leaves malloc as the user has it).
 """
 
 import argparse
