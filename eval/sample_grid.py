@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--class_conditional", action="store_true", help="Image i gets class i % num_classes.")
+    parser.add_argument("--class_conditional", action="store_true", help="Image i gets class i %% num_classes.")
     parser.add_argument("--upscale", type=int, default=1, help="Nearest-neighbour enlargement of each image.")
     return parser.parse_args(argv)
 
