@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from script_runs import load_script
 
@@ -53,6 +54,18 @@ def test_a_readme_without_exactly_one_of_each_command_is_an_error(readme, messag
 def test_the_smoke_run_needs_the_training_and_grid_steps():
     with pytest.raises(ValueError, match="sample_grid"):
         readme_commands.smoke_version("pip install -e . && accelerate launch train/train_ddpm.py --x 1", "/tmp")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_quickstart_runs_as_written(tmp_path, monkeypatch):
+    """The README's Quickstart block, executed verbatim (in a temporary folder, where it saves its pipeline)."""
+    section = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md#quickstart", "exec"), namespace)
+    assert len(namespace["images"]) == 4 and (tmp_path / "my-pipeline" / "model_index.json").is_file()
+    assert type(namespace["pipe"].unet).__name__ == "EMOv2UNet2DModel" and namespace["pipe"].unet.dtype == torch.bfloat16
 
 
 SCRIPTS = sorted(
