@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from emov2_gen import EMOv2UNetForSegmentation
 from emov2_gen.layers import I2RMB, ConvNormAct
-from emov2_gen.models.segmentation import SEGMENTATION_PRESETS
+from emov2_gen.models.segmentation import SEGMENTATION_PRESETS, CheckpointableUnits
 from emov2_gen.models.segmentation_losses import cross_entropy_dice_loss, soft_dice_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +56,7 @@ def test_paper_units_follow_the_official_block_rule(paper_model):
     level0 = list(paper_model.encoder[0][0])
     assert len(level0) == 2 and all(isinstance(u, ConvNormAct) for u in level0)
     assert [u.conv.kernel_size for u in level0] == [(3, 3), (3, 3)]
-    assert all(isinstance(u.norm, torch.nn.BatchNorm2d) and u.act.kind == "relu" for u in level0)
+    assert all(isinstance(u.norm, torch.nn.BatchNorm2d) and type(u.act) is torch.nn.ReLU for u in level0)
 
     units = [u for level in paper_model.encoder[1:] for u in level[1]] + [u for b in paper_model.decoder for u in b.block]
     assert len(units) == 16 and all(isinstance(u, I2RMB) for u in units)
@@ -66,7 +66,7 @@ def test_paper_units_follow_the_official_block_rule(paper_model):
         assert unit.mid_channels == 2 * unit.in_channels
         assert unit.dw[0].kernel_size == (5, 5)
         assert type(unit.norm).__name__ == "LayerNorm2d" and type(unit.dw[1]).__name__ == "LayerNorm2d"
-        assert unit.expand[1].kind == "gelu" and unit.dw[2].kind == "gelu"
+        assert all(type(a) is torch.nn.GELU and a.approximate == "none" for a in (unit.expand[1], unit.dw[2]))
         assert unit.residual == (unit.in_channels == unit.out_channels)
     # Decoder: InterpConv = bilinear x2, then Conv1x1 (no bias) + BN + ReLU; first unit maps 2C -> C.
     up = paper_model.decoder[0].upsample
@@ -235,3 +235,42 @@ def test_conv_norm_act_dilation_keeps_the_size_and_is_the_dilated_conv(dilation)
     x = torch.randn(2, 4, 13, 17)
     expected = F.conv2d(x, unit.conv.weight, padding=dilation, dilation=dilation)
     torch.testing.assert_close(unit(x), expected)
+
+
+def test_gradient_checkpointing_recomputes_the_i2rmb_stacks_and_keeps_loss_and_gradients():
+    torch.manual_seed(0)
+    model = EMOv2UNetForSegmentation(**TINY).train()
+    x, labels = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
+    unit_calls, bn_calls = [], []
+    model.decoder[0].block[0].register_forward_hook(lambda *_: unit_calls.append(1))  # an i2RMB unit
+    model.decoder[0].upsample.register_forward_hook(lambda *_: bn_calls.append(1))  # InterpConv with BatchNorm
+
+    def loss_and_grads():
+        torch.manual_seed(1)  # the same dropout draws
+        loss = model(x, labels=labels).loss
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        return loss.detach(), grads
+
+    expected_loss, expected = loss_and_grads()
+    assert len(unit_calls) == 1 and len(bn_calls) == 1
+    model.enable_gradient_checkpointing()
+    assert all(m.gradient_checkpointing for m in model.modules() if isinstance(m, CheckpointableUnits))
+    assert not any(isinstance(m, CheckpointableUnits) for level in model.encoder[:1] for m in level.modules())
+    loss, grads = loss_and_grads()
+    assert len(unit_calls) == 3 and len(bn_calls) == 2  # the i2RMB stack ran again in backward; BatchNorm did not
+    torch.testing.assert_close(loss, expected_loss)
+    for got, want in zip(grads, expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_levels_and_width_shortcut_options():
+    model = tiny_model(attention_levels=(2,), width_shortcut=True)
+    encoder_units = {i: list(level[1]) for i, level in enumerate(model.encoder) if i}
+    assert all(u.attn is None for u in encoder_units[1]) and all(u.attn is not None for u in encoder_units[2])
+    decoder_units = [u for block in model.decoder for u in block.block]  # deepest first: level 1, then level 0
+    assert all(u.attn is None for u in decoder_units)
+    width_changing = [u for units in [*encoder_units.values(), decoder_units] for u in units if u.in_channels != u.out_channels]
+    assert width_changing and all(u.residual and isinstance(u.shortcut, torch.nn.Conv2d) for u in width_changing)
+    faithful = tiny_model()
+    assert all(not u.residual for level in list(faithful.encoder)[1:] for u in level[1] if u.in_channels != u.out_channels)

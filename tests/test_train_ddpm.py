@@ -182,6 +182,18 @@ def test_trains_the_emov2_preset_and_pipeline_loads_after_import(tmp_path):
     assert images.shape == (1, 1, 8, 8) and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("model", ["emov2-1m", "unet2d-5m"])
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, model):
+    common = ["--model", model, "--resolution", "8", "--train_batch_size", "2", "--max_train_samples", "4",
+              "--max_train_steps", "2", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "1",
+              "--eval_batch_size", "1", "--save_images_epochs", "100"]
+    run_training(["--output_dir", str(tmp_path / "plain"), *common])
+    run_training(["--output_dir", str(tmp_path / "checkpointed"), *common, "--gradient_checkpointing"])
+    expected = weights(tmp_path / "plain" / "unet")
+    for name, value in weights(tmp_path / "checkpointed" / "unet").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_class_conditional_training_saves_a_guidance_pipeline_loadable_as_custom_pipeline(tmp_path, tiny_config):
     out = tmp_path / "conditional"
     run_training(quick_args(out, tiny_config, "--class_conditional", "--class_dropout_prob", "0.2",

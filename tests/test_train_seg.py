@@ -161,3 +161,12 @@ def test_checkpoint_of_another_model_and_a_used_output_dir_are_refused(tmp_path,
     EMOv2UNetForSegmentation(**{**TINY, "base_channels": 16}).save_config(other)
     with pytest.raises(ValueError, match="base_channels"):
         run_training(quick_args(out, other, "--resume_from_checkpoint", "latest"))
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, tiny_config):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    run_training(quick_args(plain, tiny_config))
+    run_training(quick_args(checkpointed, tiny_config, "--gradient_checkpointing"))
+    expected = weights(plain / "model")
+    for name, value in weights(checkpointed / "model").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)

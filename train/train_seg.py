@@ -114,6 +114,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        help="Official EMOv2 ImageNet weights (.pth) for an EMOv2-encoder preset (emov2-*-unet).")
     model.add_argument("--dice_loss_weight", type=float, default=None, help="Override the model's Dice weight (3.0).")
     model.add_argument("--auxiliary_loss_weight", type=float, default=None, help="Override the model's aux CE weight (0.4).")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute the i2RMB stacks in the backward pass: less memory, slower steps.")
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", type=str, default="seg-emov2")
@@ -301,6 +303,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{len(validation_samples) if validation_samples is not None else 'none'} images.")
 
     model = build_model(args)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     logger.info(f"Model: {args.model_config_name_or_path or args.preset or DEFAULT_PRESET}, "
                 f"{model.num_parameters() / 1e6:.3f}M parameters")
 

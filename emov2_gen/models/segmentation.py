@@ -77,6 +77,25 @@ def _conv_unit(in_channels: int, out_channels: int) -> ConvNormAct:
     return ConvNormAct(in_channels, out_channels, 3, norm="bn", act="relu")
 
 
+class CheckpointableUnits(nn.Sequential):
+    """The units of one i2RMB block, recomputed in the backward pass under gradient checkpointing.
+
+    Only stacks without BatchNorm are built as this class (`make_block`): recomputing a BatchNorm in training mode
+    would update its running statistics twice per step. So the plain Conv+BN units (encoder level 0, the conv
+    baselines) and the BN upsamplers always keep their activations; the i2RMB stacks, which hold the expanded
+    (e x C) tensors, are what checkpointing saves.
+    """
+
+    def __init__(self, *units: nn.Module) -> None:
+        super().__init__(*units)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(super().forward, x)
+        return super().forward(x)
+
+
 class UpConvBlock(nn.Module):
     """mmseg `UpConvBlock`: InterpConv the deeper map to the skip's width, concat [skip, up], apply `block`."""
 
@@ -100,10 +119,15 @@ class EMOv2UNetForSegmentation(AlignedLoadingMixin, ConfigMixin):
     Config highlights: `block_type` ("i2rmb" | "conv"), `base_channels`, `num_levels`,
     `units_per_block`, i2RMB settings (`expansion`, `kernel_size`, `head_dim`, `window_size`,
     `attention`, `norm`/`act`, `dw_norm`/`dw_act`, `layer_scale_init`, `nonresidual_layer_scale_init`,
-    `drop_path_rate`), heads (`decode_head_type`, `decode_head_channels`, `aspp_dilations`,
+    `drop_path_rate`; `attention_levels`: the levels whose units attend, None for all; `width_shortcut`: a 1x1
+    conv shortcut, hence a residual, on width-changing units, as in the diffusion UNet), heads (`decode_head_type`, `decode_head_channels`, `aspp_dilations`,
     `auxiliary_head_channels`, 0 for none), and `backbone_preset` (an `EMOv2Backbone` preset name as the
     encoder; `base_channels`/`num_levels`/`block_type` then do not apply).
+
+    `enable_gradient_checkpointing()` recomputes the i2RMB stacks in the backward pass (see `CheckpointableUnits`).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -120,6 +144,8 @@ class EMOv2UNetForSegmentation(AlignedLoadingMixin, ConfigMixin):
         head_dim: int = 32,
         window_size: int = 10,
         attention: bool = True,
+        attention_levels: Optional[tuple[int, ...]] = None,
+        width_shortcut: bool = False,
         norm: str = "ln",
         act: str = "gelu",
         dw_norm: str = "ln",
@@ -166,29 +192,32 @@ class EMOv2UNetForSegmentation(AlignedLoadingMixin, ConfigMixin):
         i2rmb_blocks = 0 if block_type == "conv" else max(len(encoder_specs) - 1, 0) + len(decoder_specs)
         drop_rates = iter(torch.linspace(0, drop_path_rate, i2rmb_blocks * units_per_block).tolist())
 
-        def make_block(in_ch: int, out_ch: int, plain: bool) -> nn.Sequential:
+        def make_block(in_ch: int, out_ch: int, plain: bool, level: int) -> nn.Sequential:
             widths_in = [in_ch] + [out_ch] * (units_per_block - 1)
             if plain:
                 return nn.Sequential(*(_conv_unit(c, out_ch) for c in widths_in))
-            return nn.Sequential(
-                *(
-                    I2RMB(
-                        c, out_ch, expansion=expansion, attention=attention, head_dim=head_dim, window_size=window_size,
-                        kernel_size=kernel_size, norm=norm, act=act, dw_norm=dw_norm, dw_act=dw_act,
-                        layer_scale_init=layer_scale_init if c == out_ch else nonresidual_layer_scale_init,
-                        drop_path=next(drop_rates),
-                    )
-                    for c in widths_in
+            attend = attention and (attention_levels is None or level in attention_levels)
+            units = [
+                I2RMB(
+                    c, out_ch, expansion=expansion, attention=attend, head_dim=head_dim, window_size=window_size,
+                    kernel_size=kernel_size, norm=norm, act=act, dw_norm=dw_norm, dw_act=dw_act,
+                    layer_scale_init=layer_scale_init if c == out_ch or width_shortcut else nonresidual_layer_scale_init,
+                    conv_shortcut=width_shortcut and c != out_ch, drop_path=next(drop_rates),
                 )
-            )
+                for c in widths_in
+            ]
+            has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for unit in units for m in unit.modules())
+            return nn.Sequential(*units) if has_batch_norm else CheckpointableUnits(*units)
 
         plain = block_type == "conv"
         if backbone_preset is None:
             self.encoder = nn.ModuleList(
-                nn.Sequential(*([nn.MaxPool2d(2)] if i else []), make_block(a, b, plain=plain or i == 0))
+                nn.Sequential(*([nn.MaxPool2d(2)] if i else []), make_block(a, b, plain=plain or i == 0, level=i))
                 for i, (a, b) in enumerate(encoder_specs)
             )
-        self.decoder = nn.ModuleList(UpConvBlock(deep, skip, make_block(2 * skip, skip, plain)) for deep, skip in decoder_specs)
+        self.decoder = nn.ModuleList(
+            UpConvBlock(deep, skip, make_block(2 * skip, skip, plain, level=widths.index(skip))) for deep, skip in decoder_specs
+        )
         if decode_head_type == "aspp":
             self.decode_head = ASPPHead(widths[0], decode_head_channels, num_classes, tuple(aspp_dilations), head_dropout)
         else:
