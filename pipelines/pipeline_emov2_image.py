@@ -1,4 +1,4 @@
-"""`EMOv2ImagePipeline`: pixel-space image generation with any diffusers scheduler, optionally class-conditional.
+"""`EMOv2ImagePipeline`: image generation with any diffusers scheduler, optionally class-conditional or in latent space.
 
 The denoiser is anything with the `diffusers.UNet2DModel` contract -- an `emov2_gen.EMOv2UNet2DModel` or a
 `UNet2DModel` -- so EMOv2 and baseline models are sampled by the same code. Unconditional models behave as in
@@ -7,11 +7,14 @@ The denoiser is anything with the `diffusers.UNet2DModel` contract -- an `emov2_
 training, see ``train/train_ddpm.py --class_dropout_prob``) also supports classifier-free guidance. A denoiser
 with learned sigma (``out_channels == 2 * in_channels``, DiT's [epsilon, variance] layout, e.g. a D-EMOv2
 `EMOv2Transformer2DModel`) is sampled through its first ``in_channels`` channels, as `DiTPipeline` does, unless
-the scheduler itself uses a learned variance (``variance_type`` "learned"/"learned_range").
+the scheduler itself uses a learned variance (``variance_type`` "learned"/"learned_range"). With a ``vae``
+(a latent-space denoiser, e.g. ``train/train_ddpm.py --vae_name_or_path``) the samples are latents, decoded as
+``vae.decode(latents / vae.config.scaling_factor)`` (as `DiTPipeline`) before they are returned.
 
 The null class is part of the pipeline's config (``model_index.json``), so a saved pipeline knows it:
 
     EMOv2ImagePipeline.from_pretrained(folder)                    # with emov2_gen installed
+    DiffusionPipeline.from_pretrained(folder)                     # after `import emov2_gen`
     DiffusionPipeline.from_pretrained(folder, custom_pipeline=<path to this file>, trust_remote_code=True)
 
 This module imports only torch and diffusers, so diffusers can also load it as custom pipeline code.
@@ -40,13 +43,21 @@ class EMOv2ImagePipeline(DiffusionPipeline):
         scheduler: any diffusers scheduler (DDPM, DDIM, Euler, DPM-Solver, ...).
         null_class_label: the class index the model was trained with as "no class" (classifier-free
             guidance); ``None`` for models trained without one.
+        vae: optional autoencoder (an `AutoencoderKL`) for a denoiser trained on its scaled latents.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, null_class_label: Optional[int] = None):
+    def __init__(
+        self,
+        unet: ModelMixin,
+        scheduler: SchedulerMixin,
+        null_class_label: Optional[int] = None,
+        vae: Optional[ModelMixin] = None,
+    ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(null_class_label=null_class_label)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -181,6 +192,8 @@ class EMOv2ImagePipeline(DiffusionPipeline):
                 prediction = torch.cat([prediction, variance], dim=1)
             image = self.scheduler.step(prediction, t, image, **step_kwargs).prev_sample
 
+        if self.vae is not None:  # latents -> images in [-1, 1]
+            image = self.vae.decode(image.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

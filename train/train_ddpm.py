@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""Train a pixel-space DDPM denoiser -- an EMOv2 UNet or a diffusers `UNet2DModel` baseline -- with Accelerate.
+"""Train a DDPM denoiser -- an EMOv2 UNet, a D-EMOv2 transformer or a `UNet2DModel` baseline -- with Accelerate.
 
 Flag-for-flag a superset of diffusers' `examples/unconditional_image_generation/train_unconditional.py`, plus:
-EMOv2 and baseline presets (`--model`) or a config file of either class; greyscale or RGB data; an offline
+EMOv2 and baseline presets (`--model`) or a config file of any denoiser class; greyscale or RGB data; an offline
 default dataset; class-conditional training with a null class for classifier-free guidance; `--prediction_type
-v_prediction`; DDIM previews; `--max_train_steps`; `--seed`; resumable runs that reproduce the uninterrupted run
-exactly; a stop with a clear message on a NaN/inf loss; and errors for bad input before any training starts.
+v_prediction`; latent-space training in a frozen `AutoencoderKL` (`--vae_name_or_path`: the denoiser is built
+for its latents and the saved pipeline decodes them); DDIM previews; `--max_train_steps`; `--seed`; resumable
+runs that reproduce the uninterrupted run exactly; a stop with a clear message on a NaN/inf loss; and errors for
+bad input before any training starts.
 
 Launch (the script also runs as plain `python train/train_ddpm.py ...`, one process):
 
     accelerate launch train/train_ddpm.py --model emov2-1m --resolution 16 --max_train_steps 300   # digits, offline
     accelerate launch train/train_ddpm.py --dataset_name ../shared/data/mnist --resolution 32 ...  # a `datasets` dir
+    accelerate launch train/train_ddpm.py --vae_name_or_path stabilityai/sd-vae-ft-mse --model demo-s-2 \
+        --train_data_dir images/ --resolution 256 ...                                             # 32x32x4 latents
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train/train_ddpm.py ... # 8 GPUs, 1 node
     accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank $RANK \
         --main_process_ip $HEAD_IP --main_process_port 29500 train/train_ddpm.py ...               # 2 nodes x 8 GPUs
@@ -20,8 +24,9 @@ Data-parallel runs split every epoch over the processes, so `--train_batch_size`
 effective batch is train_batch_size x processes x gradient_accumulation_steps.
 
 Reproducibility: every random draw is a function of `--seed` and the position in training -- the epoch's shuffle
-of (seed, epoch), a sample's crop/flip of (seed, epoch, index) and a batch's noise, timesteps and label dropout
-of (seed, epoch, batch, process) -- so `--resume_from_checkpoint` continues exactly where the run stopped.
+of (seed, epoch), a sample's crop/flip of (seed, epoch, index) and a batch's latent sample (with a VAE), noise,
+timesteps and label dropout of (seed, epoch, batch, process) -- so `--resume_from_checkpoint` continues exactly
+where the run stopped.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -74,7 +79,9 @@ DEFAULT_MODEL = "emov2-5m"
 EVAL_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 MODEL_SUBFOLDER = "unet"  # checkpoint-<step>/unet[_ema]/, as in the anchor and the saved pipeline
 # Independent random streams derived from --seed (see the module docstring).
-SHUFFLE_STREAM, AUGMENTATION_STREAM, NOISE_STREAM = 0, 1, 2
+SHUFFLE_STREAM, AUGMENTATION_STREAM, NOISE_STREAM, LATENT_STREAM = 0, 1, 2, 3
+# The frozen VAE runs in the dtype of the mixed precision (diffusers' training scripts' `weight_dtype`).
+VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,11 +99,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                            "--dataset_name, scikit-learn's bundled 8x8 digits are used, upscaled to --resolution.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded/prepared datasets are cached.")
     data.add_argument("--resolution", type=int, default=32,
-                      help="Training resolution; must be divisible by the model's total downsampling factor.")
+                      help="Training resolution; must be divisible by the model's total downsampling factor "
+                           "(with --vae_name_or_path: by the VAE's times the model's).")
     data.add_argument("--center_crop", action="store_true", help="Centre-crop instead of random-crop to the resolution.")
     data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
     data.add_argument("--in_channels", type=int, choices=(1, 3), default=None,
-                      help="1 (greyscale) or 3 (RGB); by default it follows the data's first image.")
+                      help="1 (greyscale) or 3 (RGB); by default it follows the data's first image (with "
+                           "--vae_name_or_path: the VAE's in_channels).")
     data.add_argument("--preserve_input_precision", action="store_true",
                       help="Keep the full precision of 16-bit greyscale images instead of converting to 8 bits.")
     data.add_argument("--max_train_samples", type=int, default=None,
@@ -107,8 +116,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     model.add_argument("--model", type=str, choices=DENOISER_PRESETS, default=None,
                        help=f"A denoiser preset (default {DEFAULT_MODEL} unless --model_config_name_or_path is given).")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="A config.json (or its folder) of an EMOv2UNet2DModel or UNet2DModel; its sample_size, "
-                            "in/out_channels and num_class_embeds are set from the data and flags.")
+                       help="A config.json (or its folder) of an EMOv2UNet2DModel, EMOv2Transformer2DModel or "
+                            "UNet2DModel; its sample_size, in/out_channels and num_class_embeds are set from the data "
+                            "and flags (to the latents' with --vae_name_or_path).")
+    model.add_argument("--vae_name_or_path", type=str, default=None,
+                       help="Train in the latent space of this diffusers AutoencoderKL (a folder or hub id, e.g. "
+                            "stabilityai/sd-vae-ft-mse): the frozen VAE encodes every batch to scaled latents, the "
+                            "denoiser is built for them (latent_channels at resolution / 2**(VAE levels - 1)), and "
+                            "the saved pipeline (an EMOv2ImagePipeline with the VAE) decodes its samples.")
+    model.add_argument("--vae_subfolder", type=str, default=None,
+                       help='The VAE\'s subfolder in --vae_name_or_path (e.g. "vae" of a saved pipeline).')
     model.add_argument("--class_conditional", action="store_true",
                        help="Condition on the dataset's class labels (a `label` column or image sub-folders).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1,
@@ -188,6 +205,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("Pass either --model or --model_config_name_or_path, not both.")
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
+    if args.vae_subfolder is not None and args.vae_name_or_path is None:
+        raise ValueError("--vae_subfolder needs --vae_name_or_path.")
     if args.resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {args.resolution}.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
@@ -205,20 +224,69 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- model
 
 
-def build_model(args: argparse.Namespace, channels: int, num_class_embeds: Optional[int]) -> ModelMixin:
-    """The denoiser from a preset or a config file, with the data-dependent fields set from the data/flags."""
+def load_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """The frozen VAE of a latent-space run: eval mode, no gradients, on `device` in `dtype`."""
+    vae = AutoencoderKL.from_pretrained(args.vae_name_or_path, subfolder=args.vae_subfolder)
+    vae.requires_grad_(False)
+    return vae.eval().to(device, dtype=dtype)
+
+
+def latent_shape(vae: AutoencoderKL, channels: int, resolution: int) -> tuple[int, int]:
+    """(channels, side) of the VAE's latents of `resolution`-pixel images, after checking that it can encode them."""
+    if vae.config.in_channels not in (1, 3):
+        raise ValueError(
+            f"The VAE encodes {vae.config.in_channels}-channel images; training images are greyscale (1) or RGB (3)."
+        )
+    if vae.config.in_channels != channels:
+        raise ValueError(
+            f"The VAE encodes {vae.config.in_channels}-channel images, but --in_channels is {channels}; drop it (the "
+            "VAE's in_channels is the default) or pass the VAE's."
+        )
+    levels = len(vae.config.block_out_channels)
+    factor = 2 ** (levels - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by {factor}, the downsampling factor of the VAE ({levels} "
+            f"levels); use a multiple of {factor}."
+        )
+    return vae.config.latent_channels, resolution // factor
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What a latent-space denoiser trains on: a sample of the VAE's posterior of `images` times its scaling_factor."""
+    latents = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator)
+    return (latents * vae.config.scaling_factor).to(images.dtype)
+
+
+def build_model(
+    args: argparse.Namespace, channels: int, sample_size: int, num_class_embeds: Optional[int]
+) -> ModelMixin:
+    """The denoiser from a preset or a config file, with the data-dependent fields set from the data (or latents).
+
+    `out_channels` is the class's default: `channels` for the UNets, [prediction, variance] for a learned-sigma
+    D-EMOv2 transformer (as its presets), which trains through its prediction half.
+    """
     data_fields = dict(
-        sample_size=args.resolution, in_channels=channels, out_channels=channels, num_class_embeds=num_class_embeds
+        sample_size=sample_size, in_channels=channels, out_channels=None, num_class_embeds=num_class_embeds
     )
     if args.model_config_name_or_path is not None:
         model = denoiser_from_config(args.model_config_name_or_path, **data_fields)
     else:
         model = build_denoiser(args.model or DEFAULT_MODEL, **data_fields)
     factor = downsampling_factor(model)
-    if args.resolution % factor:
+    if sample_size % factor:
+        vae_factor = args.resolution // sample_size  # 1 in pixel space
+        size = f"--resolution {args.resolution}"
+        if vae_factor > 1:
+            size = f"The latent size {sample_size} of {size}"
+        if "patch_size" in model.config:
+            layout = f"patch size {factor}"
+        else:
+            layout = f"{len(model.config.block_out_channels)} levels"
         raise ValueError(
-            f"--resolution {args.resolution} is not divisible by {factor}, the total downsampling factor of this "
-            f"{type(model).__name__} ({len(model.config.block_out_channels)} levels); use a multiple of {factor}."
+            f"{size} is not divisible by {factor}, the total downsampling factor of this {type(model).__name__} "
+            f"({layout}); use a --resolution that is a multiple of {factor * vae_factor}."
         )
     return model
 
@@ -280,20 +348,25 @@ def log_preview(accelerator: Accelerator, args: argparse.Namespace, images: torc
 
 
 def save_trained_pipeline(
-    unet: ModelMixin, noise_scheduler: DDPMScheduler, null_class_label: Optional[int], output_dir: Path
+    unet: ModelMixin,
+    noise_scheduler: DDPMScheduler,
+    null_class_label: Optional[int],
+    vae: Optional[AutoencoderKL],
+    output_dir: Path,
 ) -> None:
-    """Save the final folder: a `DDPMPipeline` for unconditional models (as the anchor), else `EMOv2ImagePipeline`.
+    """Save the final folder: a `DDPMPipeline` for unconditional pixel-space noise predictors (as the anchor), else
+    (class labels, a VAE, a learned-sigma output) an `EMOv2ImagePipeline`, with the VAE as its `vae/`.
 
-    The class-conditional folder also gets the pipeline's source, so that
+    The `EMOv2ImagePipeline` folder also gets the pipeline's source, so that
     `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_emov2_image", trust_remote_code=True)`
     works for users (and hub repos) without emov2_gen's pipelines on their path.
     """
-    if unet.config.num_class_embeds is None:
+    if unet.config.num_class_embeds is None and vae is None and unet.config.out_channels == unet.config.in_channels:
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(output_dir)
         return
-    EMOv2ImagePipeline(unet=unet, scheduler=noise_scheduler, null_class_label=null_class_label).save_pretrained(
-        output_dir
-    )
+    EMOv2ImagePipeline(
+        unet=unet, scheduler=noise_scheduler, null_class_label=null_class_label, vae=vae
+    ).save_pretrained(output_dir)
     shutil.copyfile(pipeline_emov2_image.__file__, output_dir / "pipeline_emov2_image.py")
 
 
@@ -328,16 +401,26 @@ def main(args: argparse.Namespace) -> None:
     if args.max_train_samples is not None and args.max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=args.seed).select(range(args.max_train_samples))
         logger.info(f"--max_train_samples: using {len(dataset)} examples.")
-    channels = args.in_channels or image_channels(dataset[0]["image"])
     num_labels = num_classes(dataset) if args.class_conditional else None
     null_class_label = num_labels if num_labels is not None and args.class_dropout_prob > 0 else None
     num_class_embeds = None if num_labels is None else num_labels + (null_class_label is not None)
 
-    # Model (unknown configs and resolutions the model cannot downsample raise here).
-    model = build_model(args, channels, num_class_embeds)
+    # VAE and model (unknown configs and resolutions the VAE or the model cannot downsample raise here).
+    vae = None
+    if args.vae_name_or_path is None:
+        channels = args.in_channels or image_channels(dataset[0]["image"])
+        model_channels, sample_size = channels, args.resolution
+    else:
+        vae = load_vae(args, accelerator.device, VAE_DTYPES.get(accelerator.mixed_precision, torch.float32))
+        channels = args.in_channels or vae.config.in_channels
+        model_channels, sample_size = latent_shape(vae, channels, args.resolution)
+    model = build_model(args, model_channels, sample_size, num_class_embeds)
     model_cls = type(model)
+    inputs = f"{channels} channel(s), {args.resolution}px" + (
+        "" if vae is None else f" -> {model_channels}x{sample_size}x{sample_size} latents of {args.vae_name_or_path}"
+    )
     logger.info(f"Model: {model_cls.__name__} ({args.model_config_name_or_path or args.model or DEFAULT_MODEL}), "
-                f"{model.num_parameters() / 1e6:.2f}M parameters, {channels} channel(s), {args.resolution}px"
+                f"{model.num_parameters() / 1e6:.2f}M parameters, {inputs}"
                 + (f", {num_labels} classes" if num_labels else "")
                 + (f", null class {null_class_label}" if null_class_label is not None else ""))
     if args.enable_xformers_memory_efficient_attention:
@@ -418,6 +501,7 @@ def main(args: argparse.Namespace) -> None:
     progress_bar = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                         desc="Steps")
     noise_generator = torch.Generator(device=accelerator.device)
+    latent_generator = torch.Generator(device=accelerator.device)
     last_sync_time, accumulated_losses = time.perf_counter(), []
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -429,6 +513,11 @@ def main(args: argparse.Namespace) -> None:
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
             clean_images = batch["images"]
+            if vae is not None:  # from here on the "images" are the VAE's scaled latents
+                latent_generator.manual_seed(
+                    derived_seed(args.seed, LATENT_STREAM, epoch, batch_index, accelerator.process_index)
+                )
+                clean_images = encode_latents(vae, clean_images, latent_generator)
             batch_size = clean_images.shape[0]
             noise_generator.manual_seed(
                 derived_seed(args.seed, NOISE_STREAM, epoch, batch_index, accelerator.process_index)
@@ -444,7 +533,9 @@ def main(args: argparse.Namespace) -> None:
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
             with accelerator.accumulate(model):
+                # A learned-sigma output ([prediction, variance]) is trained through its prediction half.
                 model_output = model(noisy_images, timesteps, class_labels=class_labels).sample
+                model_output = model_output[:, : clean_images.shape[1]]
                 loss = diffusion_loss(model_output, clean_images, noise, timesteps, noise_scheduler,
                                       args.prediction_type)
                 losses = accelerator.gather(loss.detach().reshape(1))
@@ -496,7 +587,8 @@ def main(args: argparse.Namespace) -> None:
             unet = accelerator.unwrap_model(model)
             if (epoch + 1) % args.save_images_epochs == 0 or last_epoch:
                 scheduler = EVAL_SCHEDULERS[args.eval_scheduler].from_config(noise_scheduler.config)
-                pipeline = EMOv2ImagePipeline(unet=unet, scheduler=scheduler, null_class_label=null_class_label)
+                pipeline = EMOv2ImagePipeline(unet=unet, scheduler=scheduler, null_class_label=null_class_label,
+                                              vae=vae)
                 pipeline.set_progress_bar_config(disable=True)
                 unet.eval()
                 with ema_weights(ema_model, unet):
@@ -507,7 +599,7 @@ def main(args: argparse.Namespace) -> None:
                 logger.info(f"Saved sample grid {grid_path}")
             if (epoch + 1) % args.save_model_epochs == 0 or last_epoch:
                 with ema_weights(ema_model, unet):
-                    save_trained_pipeline(unet, noise_scheduler, null_class_label, output_dir)
+                    save_trained_pipeline(unet, noise_scheduler, null_class_label, vae, output_dir)
                 logger.info(f"Saved pipeline to {output_dir}" + (" (EMA weights)" if ema_model is not None else ""))
                 if repo_id is not None:
                     upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"Epoch {epoch}",
