@@ -274,3 +274,17 @@ def test_attention_levels_and_width_shortcut_options():
     assert width_changing and all(u.residual and isinstance(u.shortcut, torch.nn.Conv2d) for u in width_changing)
     faithful = tiny_model()
     assert all(not u.residual for level in list(faithful.encoder)[1:] for u in level[1] if u.in_channels != u.out_channels)
+
+
+@pytest.mark.parametrize("preset", ["unet-emov2-1m", "unet-emov2-5m"])
+def test_mobile_presets_shortcut_width_changes_and_attend_only_below_the_two_finest_levels(preset):
+    model = EMOv2UNetForSegmentation.from_preset(preset)
+    units = {i: list(level[1]) for i, level in enumerate(model.encoder) if i}
+    for block, level in zip(model.decoder, (3, 2, 1, 0)):
+        units.setdefault(level, []).extend(block.block)
+    for level, level_units in units.items():
+        assert all((u.attn is not None) == (level >= 2) for u in level_units), level
+        assert all(u.residual for u in level_units)
+    faithful = EMOv2UNetForSegmentation.from_preset(preset, width_shortcut=False, attention_levels=None)
+    assert all(u.attn is not None for level in list(faithful.encoder)[1:] for u in level[1])
+    assert EMOv2UNetForSegmentation.from_preset("unet-emov2-paper").config.width_shortcut is False
