@@ -82,7 +82,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], Optional[Callable
     "attn-l2+": ("unet-emov2-1m", {**OFFICIAL_1M, **CE, "attention_levels": (2, 3, 4)}, {}, None),
     "shortcut": ("unet-emov2-1m", {**OFFICIAL_1M, **CE, "width_shortcut": True}, {}, None),
     "conv-dec0": ("unet-emov2-1m", {**OFFICIAL_1M, **CE}, {}, _plain_full_res_decoder),
-    "fixed": ("unet-emov2-1m", CE, {}, None),  # the current preset (whatever its defaults are)
+    "fixed": ("unet-emov2-1m", CE, {}, None),  # the current preset (whatever its defaults are), CE only
+    "preset": ("unet-emov2-1m", {}, {}, None),  # the current preset with its default loss (CE + Dice)
 }
 RECIPE = dict(lr=2e-3, warmup=0, weight_decay=0.05, clip=0.0)
 
