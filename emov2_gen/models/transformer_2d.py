@@ -43,7 +43,6 @@ Choices the counts cannot fix (documented, tested where testable):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Union
 
 import torch
