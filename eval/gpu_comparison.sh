@@ -8,6 +8,10 @@
 #   bash eval/gpu_comparison.sh score     # anywhere with the Inception weights, a CPU too: FID/KID/precision/recall
 #                                         # of the saved samples against MNIST train (eval/fid.py --samples)
 #   bash eval/gpu_comparison.sh compiled  # on the GPU: bf16 + channels_last + torch.compile benchmark of the 5M pair
+#   bash eval/gpu_comparison.sh seg-paper # on the GPU: the paper's HRF recipe (AdamW 1.2e-4, wd 0.05, clip 0.1,
+#                                         # warm-up, 256px crops) on synthetic fundi, U-EMOv2 vs UNet-S5-D16 at once;
+#                                         # SEG_PAPER_STEPS (default 300) is sized from an earlier H100 lease's step
+#                                         # rate (U-EMOv2 ~2.6 steps/s at 128px) to end within one 10-minute call
 #
 # Sampling and scoring are split so that the GPU needs neither the Inception weights (95 MB, more than a lease
 # carries beside the data) nor the time to score. Knobs: OUT, DATA, STEPS, BATCH, NUM_SAMPLES, SEG_STEPS, INCEPTION
@@ -25,11 +29,13 @@ DEVICE=${DEVICE:-cuda}
 # Batch 256: where the GPU has arithmetic to do rather than kernel launches to wait on.
 bench=(--device "$DEVICE" --batch_sizes 1 16 256)
 seg=(--crop_size 128 --synthetic_size 256 256 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
+seg_paper=(--crop_size 256 --synthetic_size 512 512 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
 fid_batch=500
 if [ "${SMOKE:-0}" = 1 ]; then
   bench=(--device "$DEVICE" --quick --models emov2-1m unet2d-5m)
   seg=(--crop_size 32 --synthetic_size 64 64 --num_synthetic_train 2 --num_synthetic_validation 1
        --train_batch_size 2 --cost_size 64 --cost_models --latency_repeats 1)
+  seg_paper=("${seg[@]}")
   fid_batch=4
 fi
 mkdir -p "$OUT"
@@ -62,8 +68,13 @@ case "${1:-}" in
     timeout "${COMPILE_TIMEOUT:-240}" python eval/benchmark.py "${bench[@]}" --models emov2-5m unet2d-5m \
       "${compiled[@]}" --output_dir "$OUT/benchmark-bf16-compiled" || echo "compiled benchmark did not finish"
     ;;
+  seg-paper)
+    python eval/seg_benchmark.py --models unet-emov2-paper unet-s5-d16 --jobs 2 --threads 4 \
+      --max_train_steps "${SEG_PAPER_STEPS:-300}" --learning_rate 1.2e-4 --max_grad_norm 0.1 --lr_warmup_steps 50 \
+      "${seg_paper[@]}" --output_dir "$OUT/seg-paper"
+    ;;
   *)
-    echo "usage: bash eval/gpu_comparison.sh train|score|compiled" >&2
+    echo "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper" >&2
     exit 2
     ;;
 esac

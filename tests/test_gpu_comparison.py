@@ -8,8 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_phase(phase: str, out: Path, mnist: Path) -> None:
-    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(mnist), "STEPS": "2", "BATCH": "2",
+def run_phase(phase: str, out: Path, mnist: Path, **knobs: str) -> None:
+    env = {**os.environ, **knobs, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(mnist), "STEPS": "2", "BATCH": "2",
            "NUM_SAMPLES": "4", "SEG_STEPS": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh"), phase], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -36,6 +36,14 @@ def test_gpu_comparison_phases_train_then_score_every_model(tmp_path, mnist_dir)
     assert bf16["settings"]["dtype"] == "bf16" and bf16["settings"]["channels_last"]
 
 
+def test_gpu_comparison_seg_paper_phase_runs_the_paper_recipe(tmp_path, mnist_dir):
+    run_phase("seg-paper", tmp_path, mnist_dir, SEG_PAPER_STEPS="2")
+    seg = json.loads((tmp_path / "seg-paper" / "results.json").read_text())
+    assert [row["model"] for row in seg["rows"]][:2] == ["unet-emov2-paper", "unet-s5-d16"]
+    recipe = seg["args"]
+    assert (recipe["learning_rate"], recipe["max_grad_norm"], recipe["max_train_steps"]) == (1.2e-4, 0.1, 2)
+
+
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh")], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled" in result.stderr
+    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper" in result.stderr
