@@ -20,12 +20,12 @@ import torch
 
 from emov2_gen.cpu_allocator import add_cpu_allocator_argument, apply_cpu_allocator
 from emov2_gen.evaluation.benchmark import DTYPES, QUICK_SETTINGS, BenchmarkSettings, run_benchmark
-from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+from emov2_gen.models.registry import DENOISER_PRESETS, UNET_DENOISER_PRESETS, build_denoiser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(DENOISER_PRESETS))
+    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(UNET_DENOISER_PRESETS))
     parser.add_argument("--baseline", choices=DENOISER_PRESETS, default="unet2d-5m", help="Ratios are relative to it.")
     parser.add_argument(
         "--quick", action="store_true", help="32x32, batch 1 and 4, 2 repeats, DDIM-5: a smoke test, not a measurement."

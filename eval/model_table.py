@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Print the denoiser presets' size table: parameters and GFLOPs per image, beside the UNet2DModel baselines.
 
-    python eval/model_table.py                        # 32x32 RGB, all presets, markdown to stdout
+    python eval/model_table.py                        # 32x32 RGB, the UNet presets, markdown to stdout
+    python eval/model_table.py --models demo-s-2 demo-b-2 --baseline demo-s-2 --in_channels 4   # D-EMOv2 on latents
     python eval/model_table.py --json outputs/model_table.json
 
 GFLOPs come from torch.utils.flop_counter (see `emov2_gen.evaluation.flops.FLOP_CONVENTION`).
@@ -15,17 +16,25 @@ import torch
 
 from emov2_gen.evaluation.benchmark import markdown_table
 from emov2_gen.evaluation.flops import FLOP_CONVENTION, count_gflops
-from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+from emov2_gen.models.registry import DENOISER_PRESETS, UNET_DENOISER_PRESETS, build_denoiser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(DENOISER_PRESETS))
+    parser.add_argument("--models", nargs="+", choices=DENOISER_PRESETS, default=list(UNET_DENOISER_PRESETS))
     parser.add_argument("--baseline", choices=DENOISER_PRESETS, default="unet2d-5m", help="Ratios are relative to it.")
     parser.add_argument("--sample_size", type=int, default=32)
     parser.add_argument("--in_channels", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows to this JSON file.")
     return parser.parse_args(argv)
+
+
+def layout(config) -> str:
+    """A UNet's block_out_channels, or a transformer's depth x width and patch size."""
+    if "block_out_channels" in config:
+        return str(tuple(config.block_out_channels))
+    width = config.num_attention_heads * config.attention_head_dim
+    return f"{config.num_layers} x {width}, patch {config.patch_size}"
 
 
 def model_rows(names: list[str], sample_size: int, in_channels: int) -> list[dict]:
@@ -36,7 +45,7 @@ def model_rows(names: list[str], sample_size: int, in_channels: int) -> list[dic
             {
                 "name": name,
                 "class": type(model).__name__,
-                "block_out_channels": list(model.config.block_out_channels),
+                "layout": layout(model.config),
                 "parameters": model.num_parameters(),
                 "gflops_per_image": count_gflops(model, sample_size, in_channels),
             }
@@ -55,14 +64,14 @@ def main(argv=None) -> None:
         row["gflops_ratio"] = row["gflops_per_image"] / base["gflops_per_image"]
     size = f"{args.sample_size}x{args.sample_size}x{args.in_channels}"
     header = [
-        "model", "class", "block_out_channels", "params (M)", f"params / {args.baseline}",
+        "model", "class", "layout", "params (M)", f"params / {args.baseline}",
         f"GFLOPs per {size} image", f"GFLOPs / {args.baseline}",
     ]
     table = markdown_table(
         header,
         [
             [
-                row["name"], row["class"], str(tuple(row["block_out_channels"])), f"{row['parameters'] / 1e6:.2f}",
+                row["name"], row["class"], row["layout"], f"{row['parameters'] / 1e6:.2f}",
                 f"{row['parameters_ratio']:.2f}", f"{row['gflops_per_image']:.3f}", f"{row['gflops_ratio']:.2f}",
             ]
             for row in rows

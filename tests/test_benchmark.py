@@ -254,6 +254,13 @@ def test_model_table_cli(tmp_path, capsys):
     assert "| emov2-1m | EMOv2UNet2DModel | (24, 32, 48, 64) |" in printed
 
 
+def test_model_table_lists_a_demo_transformer_by_depth_width_and_patch(capsys):
+    model_table = eval_script("model_table")
+    assert not any(name.startswith("demo-") for name in model_table.parse_args([]).models)
+    model_table.main(["--models", "demo-s-2", "--baseline", "demo-s-2", "--sample_size", "8", "--in_channels", "4"])
+    assert "| demo-s-2 | EMOv2Transformer2DModel | 12 x 384, patch 2 |" in capsys.readouterr().out
+
+
 def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):
     profile_ops = eval_script("profile_ops")
     common = ["--models", "emov2-1m", "--batch_size", "1", "--resolution", "16", "--repeats", "1", "--rows", "5"]

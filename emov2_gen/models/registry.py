@@ -35,6 +35,9 @@ BASELINE_UNET2D_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DENOISER_PRESETS = tuple(EMOV2_UNET_PRESETS) + tuple(EMOV2_TRANSFORMER_PRESETS) + tuple(BASELINE_UNET2D_PRESETS)
+# What the size/speed tables show by default: the pixel-space UNets (the D-EMOv2 transformers are latent-space
+# models of 25-493M parameters, listed on request).
+UNET_DENOISER_PRESETS = tuple(EMOV2_UNET_PRESETS) + tuple(BASELINE_UNET2D_PRESETS)
 DENOISER_CLASSES = {cls.__name__: cls for cls in (EMOv2UNet2DModel, EMOv2Transformer2DModel, UNet2DModel)}
 
 
