@@ -38,6 +38,12 @@ def test_the_readme_has_both_set_up_commands_and_the_smoke_run_keeps_every_flag(
     assert (args.max_train_steps, args.output_dir, args.model) == (4, "/tmp/out dir/run", "emov2-1m")
 
 
+def test_ci_runs_the_readme_test_command_verbatim():
+    test = readme_commands.setup_commands((ROOT / "README.md").read_text())["test"]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test in ci_lines
+
+
 @pytest.mark.parametrize(
     ("readme", "message"),
     [
