@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -245,3 +246,36 @@ def ema_weights(ema_model: Optional[EMAModel], model: ModelMixin) -> Iterator[No
         yield
     finally:
         ema_model.restore(model.parameters())
+
+
+class TrainingClock:
+    """Seconds spent training, with evaluation, previews and checkpointing left out (`stop` around them).
+
+    Registered with `accelerator.register_for_checkpointing`, so a resumed run continues its count: the
+    wall-clock axis of the fair comparisons (held-out loss vs training time) survives interruptions.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: Optional[float] = None
+
+    def start(self) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds counted so far, the running stretch included."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.seconds + running
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.elapsed}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.seconds, self._started = float(state["seconds"]), None

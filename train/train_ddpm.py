@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -56,10 +55,13 @@ from tqdm.auto import tqdm
 
 from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.data.training_images import TrainingImageDataset, derived_seed, image_channels, num_classes
+from emov2_gen.diffusion_loss import diffusion_loss
+from emov2_gen.evaluation.heldout_loss import HeldOutSet, heldout_images, heldout_loss
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser_from_config, downsampling_factor
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines import pipeline_emov2_image
 from emov2_gen.training_utils import (
+    TrainingClock,
     add_checkpoint_arguments,
     check_checkpoint_arguments,
     check_positive,
@@ -181,6 +183,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     training.add_argument("--mixed_precision", type=str, default="no", choices=("no", "fp16", "bf16"),
                           help="Overrides the `accelerate config` / `accelerate launch` setting.")
 
+    heldout = parser.add_argument_group("held-out denoising loss (emov2_gen.evaluation.heldout_loss)")
+    heldout.add_argument("--heldout_split", type=str, default=None,
+                         help='A split of --dataset_name / --train_data_dir (e.g. "test" for MNIST) whose first '
+                              "--heldout_num_images images score the training objective with fixed noise and timesteps "
+                              "every --heldout_steps steps (logged as heldout_loss[_ema]); off by default.")
+    heldout.add_argument("--heldout_num_images", type=int, default=512)
+    heldout.add_argument("--heldout_num_timesteps", type=int, default=8,
+                         help="Points of the fixed timestep grid (bin centres of [0, --ddpm_num_steps)).")
+    heldout.add_argument("--heldout_steps", type=int, default=250, help="Score every N optimiser steps and at the end.")
+
     saving = parser.add_argument_group("saving and logging")
     saving.add_argument("--save_images_epochs", type=int, default=10, help="Save a preview grid every N epochs.")
     saving.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs.")
@@ -211,11 +223,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution must be positive, got {args.resolution}.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}.")
+    if args.heldout_split is not None and args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("--heldout_split needs --dataset_name or --train_data_dir (the offline digits have one split).")
     if args.guidance_scale != 1.0 and not (args.class_conditional and args.class_dropout_prob > 0):
         raise ValueError("--guidance_scale needs a null class: --class_conditional with --class_dropout_prob > 0.")
     check_positive(args, ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
                           "save_images_epochs", "save_model_epochs", "ddpm_num_inference_steps",
-                          "max_train_samples", "max_train_steps"))
+                          "max_train_samples", "max_train_steps", "heldout_num_images", "heldout_num_timesteps",
+                          "heldout_steps"))
     if args.logger == "wandb" and args.hub_token is not None:
         raise ValueError("--logger wandb with --hub_token would expose the token; use `hf auth login` instead.")
     check_checkpoint_arguments(args)
@@ -294,28 +309,51 @@ def build_model(
 # ----------------------------------------------------------------------------------------------- diffusion
 
 
-def diffusion_loss(
-    model_output: torch.Tensor,
-    clean_images: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
+def build_heldout_set(
+    args: argparse.Namespace,
+    channels: int,
+    with_labels: bool,
+    vae: Optional[AutoencoderKL],
+    accelerator: Accelerator,
+) -> HeldOutSet:
+    """The fixed held-out set of `--heldout_split` (with a VAE: the scaled means of its latents, no sampling)."""
+    with accelerator.main_process_first():
+        try:
+            dataset, _ = load_image_dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+                                            split=args.heldout_split, dataset_config_name=args.dataset_config_name,
+                                            cache_dir=args.cache_dir)
+        except ValueError as error:
+            if "split" not in str(error).lower():
+                raise
+            raise ValueError(f"--heldout_split {args.heldout_split!r} is not a split of the training data: {error}") from error
+    images, labels = heldout_images(dataset, args.resolution, channels, args.heldout_num_images, with_labels)
+    if vae is not None:
+        with torch.no_grad():
+            posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+            images = (posterior.mode() * vae.config.scaling_factor).float().cpu()
+    return HeldOutSet.build(images, args.ddpm_num_steps, args.heldout_num_timesteps, seed=args.seed,
+                            class_labels=labels)
+
+
+def log_heldout_loss(
+    accelerator: Accelerator,
+    model: ModelMixin,
+    ema_model: Optional[EMAModel],
+    heldout: HeldOutSet,
     noise_scheduler: DDPMScheduler,
-    prediction_type: str,
-) -> torch.Tensor:
-    """The anchor's loss: MSE to the noise (epsilon), SNR-weighted MSE to the clean image (sample), MSE to v."""
-    if prediction_type == "epsilon":
-        target, weights = noise, None
-    elif prediction_type == "sample":
-        alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean_images.device)[timesteps]
-        target, weights = clean_images, alphas_cumprod / (1 - alphas_cumprod)
-    elif prediction_type == "v_prediction":
-        target, weights = noise_scheduler.get_velocity(clean_images, noise, timesteps), None
-    else:
-        raise ValueError(f"Unsupported prediction type {prediction_type!r}.")
-    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if weights is not None:
-        per_sample = per_sample * weights.float()
-    return per_sample.mean()
+    global_step: int,
+) -> None:
+    """Log the held-out loss of the trained weights (heldout_loss) and of their EMA (heldout_loss_ema)."""
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(model)
+        scalars = heldout_loss(unet, heldout, noise_scheduler).scalars()
+        if ema_model is not None:
+            with ema_weights(ema_model, unet):
+                scalars.update(heldout_loss(unet, heldout, noise_scheduler).scalars("heldout_loss_ema"))
+        accelerator.log(scalars, step=global_step)
+        logger.info(f"Step {global_step}: held-out loss {scalars['heldout_loss']:.5f}"
+                    + (f", EMA {scalars['heldout_loss_ema']:.5f}" if ema_model is not None else ""))
+    accelerator.wait_for_everyone()
 
 
 def save_preview_grid(
@@ -415,6 +453,11 @@ def main(args: argparse.Namespace) -> None:
         channels = args.in_channels or vae.config.in_channels
         model_channels, sample_size = latent_shape(vae, channels, args.resolution)
     model = build_model(args, model_channels, sample_size, num_class_embeds)
+    heldout = None
+    if args.heldout_split is not None:
+        heldout = build_heldout_set(args, channels, num_labels is not None, vae, accelerator)
+        logger.info(f"Held-out loss: {len(heldout.images)} images of split {args.heldout_split!r} at timesteps "
+                    f"{heldout.grid}, every {args.heldout_steps} steps.")
     model_cls = type(model)
     inputs = f"{channels} channel(s), {args.resolution}px" + (
         "" if vae is None else f" -> {model_channels}x{sample_size}x{sample_size} latents of {args.vae_name_or_path}"
@@ -442,6 +485,8 @@ def main(args: argparse.Namespace) -> None:
         ema_model.to(accelerator.device)
 
     register_checkpoint_hooks(accelerator, model_cls, MODEL_SUBFOLDER, ema_model)
+    clock = TrainingClock()  # logged as train_seconds: the wall-clock axis of the fair comparisons
+    accelerator.register_for_checkpointing(clock)
 
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps,
@@ -507,6 +552,7 @@ def main(args: argparse.Namespace) -> None:
         if global_step >= max_train_steps:
             break
         model.train()
+        clock.start()
         shuffle_generator.manual_seed(derived_seed(args.seed, SHUFFLE_STREAM, epoch))
         train_dataloader.set_epoch(epoch)
         skip = batches_to_skip if epoch == first_epoch else 0
@@ -570,18 +616,24 @@ def main(args: argparse.Namespace) -> None:
                     "epoch": epoch,
                     "images_per_second": batch_size * accelerator.num_processes * len(accumulated_losses)
                     / (now - last_sync_time),
+                    "train_seconds": clock.elapsed,
                 }
                 if ema_model is not None:
                     logs["ema_decay"] = ema_model.cur_decay_value
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
                 accumulated_losses = []
+                clock.stop()
+                if heldout is not None and (global_step % args.heldout_steps == 0 or global_step >= max_train_steps):
+                    log_heldout_loss(accelerator, model, ema_model, heldout, noise_scheduler, global_step)
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                clock.start()
                 last_sync_time = time.perf_counter()
                 if global_step >= max_train_steps:
                     break
 
+        clock.stop()
         last_epoch = epoch == num_epochs - 1 or global_step >= max_train_steps
         if accelerator.is_main_process:
             unet = accelerator.unwrap_model(model)

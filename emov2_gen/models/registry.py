@@ -30,6 +30,8 @@ _DDPM_CIFAR_BLOCKS = dict(
 BASELINE_UNET2D_PRESETS: dict[str, dict[str, Any]] = {
     # The DDPM CIFAR-10 layout scaled to ~5.1M parameters: parameter-matched to emov2-5m.
     "unet2d-5m": dict(_DDPM_CIFAR_BLOCKS, block_out_channels=(32, 64, 96, 128)),
+    # The same layout at ~0.97M parameters: parameter-matched to emov2-1m (16 groups: 16 channels at level 0).
+    "unet2d-1m": dict(_DDPM_CIFAR_BLOCKS, block_out_channels=(16, 32, 48, 48), norm_num_groups=16),
     # google/ddpm-cifar10-32 (35.7M parameters, Ho et al. 2020).
     "ddpm-cifar10-32": dict(_DDPM_CIFAR_BLOCKS, block_out_channels=(128, 256, 256, 256), dropout=0.1),
 }
