@@ -82,12 +82,31 @@ def test_loss_decreases_on_synthetic_vessels_and_the_run_saves_a_working_pipelin
     assert saved["steps"] == 40 and saved["parameters"] == EMOv2UNetForSegmentation(**TINY).num_parameters()
     assert set(saved["scores"]) == {"aAcc", "mIoU", "mDice", "mAcc", "vessel_dice"}
     assert saved["scores"]["mDice"] == pytest.approx(np.mean(saved["per_class_dice"]), abs=0.02)
+    assert [entry["step"] for entry in saved["validation_history"]] == [20, 40]
+    assert saved["validation_history"][-1] == {"step": 40, **saved["scores"]}
+    assert saved["test_scores"] is None  # no --num_synthetic_test
 
     pipeline = EMOv2SegmentationPipeline.from_pretrained(out)
     assert pipeline.config.crop_size == 32
     image, _, _ = generate_vessel_sample((70, 45), seed=3)
     output = pipeline(image)
     assert output.masks[0].shape == (70, 45) and output.probabilities[0].shape == (2, 70, 45)
+
+
+def test_held_out_test_fundi_are_scored_apart_from_the_validation_history(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    results = run_training(quick_args(out, tiny_config, "--num_synthetic_test", "3", "--validation_steps", "1"))
+
+    assert [entry["step"] for entry in results["validation_history"]] == [1, 2]
+    scalars = tensorboard_scalars(out / "logs")  # float32
+    assert [entry["vessel_dice"] for entry in results["validation_history"]] == pytest.approx(scalars["val/vessel_dice"])
+    assert set(results["test_scores"]) == {"aAcc", "mIoU", "mDice", "mAcc", "vessel_dice"}
+    assert results["test_scores"] != results["scores"]  # other fundi (split "test"), other scores
+    assert scalars["test/mDice"] == pytest.approx([results["test_scores"]["mDice"]])
+    _, validation, test, _ = train_seg.load_samples(train_seg.parse_args(quick_args(out, tiny_config,
+                                                                                     "--num_synthetic_test", "3")))
+    assert len(test) == 3 and not any(np.array_equal(np.asarray(t["image"]), np.asarray(v["image"]))
+                                      for t in test for v in validation)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_config, monkeypatch):
@@ -144,6 +163,8 @@ def test_two_processes_train_data_parallel_with_accelerate_launch(tmp_path, tiny
         (["--eval_stride", "40"], ValueError, "--eval_stride"),
         (["--crop_size", "0"], ValueError, "--crop_size must be at least 1, got 0"),
         (["--preset", "unet-emov2-1m"], ValueError, "either --preset or --model_config_name_or_path"),
+        (["--num_synthetic_test", "-1"], ValueError, "--num_synthetic_test must be at least 0, got -1"),
+        (["--num_synthetic_test", "2", "--dataset_name", "x"], ValueError, "goes with synthetic training data"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny_config, extra, error, message):

@@ -8,7 +8,8 @@ mmseg's IoUMetric (aAcc, mIoU, mDice, mAcc, per-class Dice/IoU, vessel Dice). Lo
 Dice on the decode head, cross-entropy x 0.4 on the auxiliary head (the model's config; the paper used
 CE only, `--dice_loss_weight 0`). The trained model is saved as an `EMOv2SegmentationPipeline`
 (`save_pretrained`: `model_index.json` + `model/`) that segments with the training crop, and the final
-validation scores go to `eval_results.json`.
+validation scores go to `eval_results.json`, with every periodic validation's scores (`validation_history`) and,
+with `--num_synthetic_test`, the scores on held-out synthetic test fundi that took no part in model selection.
 
     accelerate launch train/train_seg.py --preset unet-emov2-1m --synthetic_size 128 128 --crop_size 64 \
         --ratio_range 1 1 --learning_rate 1e-2 --lr_warmup_steps 60 --max_grad_norm 1 --max_train_steps 600
@@ -95,6 +96,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", type=str, default=None)
     data.add_argument("--num_synthetic_train", type=int, default=20, help="Synthetic training images.")
     data.add_argument("--num_synthetic_validation", type=int, default=5, help="Synthetic validation images.")
+    data.add_argument("--num_synthetic_test", type=int, default=0,
+                      help="Synthetic test images (split 'test') scored once after training, apart from the validation "
+                           "images that select learning rates or checkpoints; 0: none. Synthetic training data only.")
     data.add_argument("--synthetic_size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     data.add_argument("--crop_size", type=int, default=256, help="Square training crop (and validation window).")
     data.add_argument("--scale", type=int, nargs=2, default=None, metavar=("W", "H"),
@@ -167,6 +171,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_split goes with --dataset_name.")
     check_positive(args, ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "crop_size",
                           "validation_steps", "eval_windows_per_batch", "num_synthetic_train", "num_synthetic_validation"))
+    if args.num_synthetic_test < 0:
+        raise ValueError(f"--num_synthetic_test must be at least 0, got {args.num_synthetic_test}.")
+    if args.num_synthetic_test and (args.train_data_dir is not None or args.dataset_name is not None):
+        raise ValueError("--num_synthetic_test scores synthetic test fundi; it goes with synthetic training data "
+                         "(no --train_data_dir or --dataset_name).")
     if args.eval_stride is not None and not 1 <= args.eval_stride <= args.crop_size:
         raise ValueError(f"--eval_stride must lie in [1, --crop_size], got {args.eval_stride}.")
     check_checkpoint_arguments(args)
@@ -175,8 +184,9 @@ def check_args(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_samples(args: argparse.Namespace) -> tuple[Any, Optional[Any], str]:
-    """Raw training and validation samples (rows `{"image", "mask"[, "fov"]}`) and a description of the source."""
+def load_samples(args: argparse.Namespace) -> tuple[Any, Optional[Any], Optional[Any], str]:
+    """Raw training, validation and test samples (rows `{"image", "mask"[, "fov"]}`; test: None unless
+    --num_synthetic_test) and a description of the source."""
     common = dict(dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir, image_column=args.image_column,
                   mask_column=args.mask_column, fov_column=args.fov_column, layout=args.layout, seed=args.seed,
                   synthetic_size=tuple(args.synthetic_size))
@@ -191,10 +201,13 @@ def load_samples(args: argparse.Namespace) -> tuple[Any, Optional[Any], str]:
     elif isinstance(train, SyntheticVesselDataset):
         validation, _ = load_segmentation_dataset(split="validation", num_synthetic_samples=args.num_synthetic_validation,
                                                   **common)
+    test = None
+    if args.num_synthetic_test:  # check_args allows it with synthetic training data only
+        test, _ = load_segmentation_dataset(split="test", num_synthetic_samples=args.num_synthetic_test, **common)
     if isinstance(train, SyntheticVesselDataset):  # generated on the fly: keep the few samples in memory
-        train = [train[i] for i in range(len(train))]
-        validation = [validation[i] for i in range(len(validation))]
-    return train, validation, source
+        train, validation = ([samples[i] for i in range(len(samples))] for samples in (train, validation))
+        test = [test[i] for i in range(len(test))] if test is not None else None
+    return train, validation, test, source
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
@@ -266,10 +279,10 @@ def evaluate(pipeline: EMOv2SegmentationPipeline, samples: Any, score_inside_fov
     return metric.compute()
 
 
-def score_logs(scores: SegmentationScores) -> dict[str, float]:
-    logs = {f"val/{k}": v for k, v in scores.to_percent_dict().items()}
-    logs.update({f"val/dice_class{c}": round(float(d) * 100, 2) for c, d in enumerate(scores.per_class_dice)})
-    logs.update({f"val/iou_class{c}": round(float(d) * 100, 2) for c, d in enumerate(scores.per_class_iou)})
+def score_logs(scores: SegmentationScores, prefix: str = "val") -> dict[str, float]:
+    logs = {f"{prefix}/{k}": v for k, v in scores.to_percent_dict().items()}
+    logs.update({f"{prefix}/dice_class{c}": round(float(d) * 100, 2) for c, d in enumerate(scores.per_class_dice)})
+    logs.update({f"{prefix}/iou_class{c}": round(float(d) * 100, 2) for c, d in enumerate(scores.per_class_iou)})
     return logs
 
 
@@ -289,7 +302,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # Data (missing/empty/unpaired sources raise here).
     with accelerator.main_process_first():
-        train_samples, validation_samples, source = load_samples(args)
+        train_samples, validation_samples, test_samples, source = load_samples(args)
     scale = random_resize_scale(args, train_samples)
     transform = build_train_transform(scale, args.crop_size, tuple(args.ratio_range), args.flip_prob, not args.no_photometric)
     train_dataset = SeededAugmentation(SegmentationDataset(train_samples, transform, use_fov=False),
@@ -300,7 +313,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          f"on {accelerator.num_processes} process(es); lower --train_batch_size.")
     logger.info(f"Training data: {source}, {len(train_dataset)} images, random rescale around {scale} (W, H) x "
                 f"{tuple(args.ratio_range)}, {args.crop_size}px crops; validation: "
-                f"{len(validation_samples) if validation_samples is not None else 'none'} images.")
+                f"{len(validation_samples) if validation_samples is not None else 'none'} images"
+                f"{f', test: {len(test_samples)} images' if test_samples is not None else ''}.")
 
     model = build_model(args)
     if args.gradient_checkpointing:
@@ -348,13 +362,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     pipeline = EMOv2SegmentationPipeline(unwrapped, crop_size=args.crop_size, stride=args.eval_stride)
     pipeline.set_progress_bar_config(disable=True)
 
-    def validate() -> Optional[SegmentationScores]:
-        if validation_samples is None or not accelerator.is_main_process:
+    # Scores of every validation in this process (a resumed run lists those since the resume), for Dice-vs-steps plots.
+    validation_history: list[dict[str, float]] = []
+
+    def validate(samples: Optional[Any] = validation_samples, prefix: str = "val") -> Optional[SegmentationScores]:
+        if samples is None or not accelerator.is_main_process:
             return None
         with ema_weights(ema_model, unwrapped):
-            scores = evaluate(pipeline, validation_samples, args.score_inside_fov, args.eval_windows_per_batch)
-        accelerator.log(score_logs(scores), step=global_step)
-        logger.info(f"step {global_step}: " + ", ".join(f"{k} {v}" for k, v in scores.to_percent_dict().items()))
+            scores = evaluate(pipeline, samples, args.score_inside_fov, args.eval_windows_per_batch)
+        accelerator.log(score_logs(scores, prefix), step=global_step)
+        logger.info(f"step {global_step} ({prefix}): " + ", ".join(f"{k} {v}" for k, v in scores.to_percent_dict().items()))
+        if prefix == "val":
+            validation_history.append({"step": global_step, **scores.to_percent_dict()})
         return scores
 
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
@@ -405,6 +424,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     scores = validate()
+    test_scores = validate(test_samples, "test")
     if accelerator.is_main_process:
         with ema_weights(ema_model, unwrapped):
             pipeline.save_pretrained(output_dir)
@@ -417,6 +437,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "scores": scores.to_percent_dict() if scores is not None else None,
             "per_class_dice": [round(float(d) * 100, 2) for d in scores.per_class_dice] if scores is not None else None,
             "per_class_iou": [round(float(d) * 100, 2) for d in scores.per_class_iou] if scores is not None else None,
+            "validation_history": validation_history,
+            "test_scores": test_scores.to_percent_dict() if test_scores is not None else None,
         }
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         logger.info(f"Saved the pipeline{' (EMA weights)' if ema_model else ''} and {RESULTS_FILE} to {output_dir}")
