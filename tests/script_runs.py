@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,7 @@ def load_script(path: Path) -> ModuleType:
     """Import a script (e.g. train/train_seg.py) as a module named after its file."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses (and pickling) look their module up by name
     spec.loader.exec_module(module)
     return module
 

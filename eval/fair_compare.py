@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""The fair generation comparison: every denoiser at its own best learning rate, then the same everything else.
+
+    python eval/fair_compare.py --models emov2-1m unet2d-1m --learning_rates 5e-4 1e-3 2e-3 \
+        --dataset_name ../shared/data/mnist --resolution 16 --max_train_steps 1200 --num_samples 1000 \
+        --jobs 2 --threads 1 --output_dir outputs/fair-1m
+
+1. Train: every (model, learning rate) pair runs `train/train_ddpm.py` with identical flags but the rate -- same
+   data, steps, batch, warm-up and cosine schedule, EMA, seed -- logging the held-out denoising loss (fixed
+   test-split images, noise and timesteps; `emov2_gen.evaluation.heldout_loss`) and the training wall-clock.
+2. Select: each model's rate is the one with the lowest final held-out loss of its EMA weights (what is sampled).
+   The sweep's runs are full-length, so the selected run is the final run (no short-horizon bias).
+3. Score: `eval/fid.py` samples the selected runs with the same per-sample seeds and scores FID/KID/precision/
+   recall at one N against the training split (`--num_samples 0` skips it).
+4. Report (`report.md`, `report.json`, `heldout_vs_cost.png`): held-out loss at every rate, at equal steps and at
+   equal training wall-clock (each curve interpolated at the shortest run's final time), FID/KID, parameters,
+   GFLOPs, training throughput, peak training memory and the sample grids.
+
+A model is a preset name, or `LABEL=PRESET:key=value,...` for a variant (the ablations), e.g.
+`emov2-1m-gn=emov2-1m:norm_type='gn'` (values are Python literals). Re-running continues unfinished runs from their
+latest checkpoint and reuses finished ones. Wall-clock is only comparable between runs that shared the machine in
+the same way: `--jobs 2 --threads 1` runs models side by side, one core each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from emov2_gen.data.image_datasets import load_image_dataset
+from emov2_gen.data.training_images import image_channels
+from emov2_gen.evaluation.benchmark import peak_memory_mib
+from emov2_gen.evaluation.flops import count_gflops
+from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
+from emov2_gen.evaluation.training_logs import read_scalars
+from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT, FID_SCRIPT = REPO / "train" / "train_ddpm.py", REPO / "eval" / "fid.py"
+SELECTION_TAG = "heldout_loss_ema"  # the EMA weights are what the saved pipeline samples
+
+
+@dataclass
+class ModelSpec:
+    """A preset, or a preset with config overrides (an ablation row), under a display label."""
+
+    label: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """`PRESET` or `LABEL=PRESET:key=value,key=value` (values are Python literals)."""
+        head, _, assignments = text.partition(":")
+        label, _, preset = head.rpartition("=")
+        if preset not in DENOISER_PRESETS:
+            raise ValueError(f"Unknown model preset {preset!r} in {text!r}; valid presets: {', '.join(DENOISER_PRESETS)}.")
+        try:  # `key=value, ...` read as the keyword arguments of a call, so values may hold commas: (8, 16)
+            call = ast.parse(f"f({assignments})", mode="eval").body
+            if call.args:
+                raise SyntaxError("every override needs a key")
+            overrides = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"Cannot read the overrides of {text!r} as key=value pairs of Python literals: {error}") from error
+        if overrides and not label:
+            raise ValueError(f"A variant needs a label: LABEL={text}.")
+        return cls(label or preset, preset, overrides)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="Presets or LABEL=PRESET:key=value,... variants.")
+    parser.add_argument("--learning_rates", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3],
+                        help="The sweep every model is trained at (at least 3 values for a fair comparison).")
+    parser.add_argument("--output_dir", type=str, required=True)
+    data = parser.add_argument_group("data and recipe (identical for every run)")
+    data.add_argument("--dataset_name", type=str, default="../shared/data/mnist")
+    data.add_argument("--heldout_split", type=str, default="test")
+    data.add_argument("--resolution", type=int, default=16)
+    data.add_argument("--train_batch_size", type=int, default=32)
+    data.add_argument("--max_train_steps", type=int, default=1200)
+    data.add_argument("--lr_warmup_steps", type=int, default=100)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--heldout_steps", type=int, default=100)
+    data.add_argument("--heldout_num_images", type=int, default=512)
+    data.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
+                      help="Further train_ddpm.py flags for every run (must come last).")
+    scoring = parser.add_argument_group("FID (eval/fid.py)")
+    scoring.add_argument("--num_samples", type=int, default=1000, help="Samples per model and reference images; 0 skips FID.")
+    scoring.add_argument("--num_inference_steps", type=int, default=50)
+    scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
+    parser.add_argument("--jobs", type=int, default=1, help="Training runs at a time.")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run.")
+    args = parser.parse_args(argv)
+    args.specs = [ModelSpec.parse(text) for text in args.models]
+    labels = [spec.label for spec in args.specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Two models share a label: {labels}.")
+    args.learning_rates = check_sweep(args.learning_rates)
+    for name in ("resolution", "train_batch_size", "max_train_steps", "heldout_steps", "jobs", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.num_samples < 0:
+        raise ValueError(f"--num_samples must be 0 (no FID) or positive, got {args.num_samples}.")
+    return args
+
+
+def run_name(spec: ModelSpec, lr: float) -> str:
+    return f"{spec.label}-lr{lr:g}"
+
+
+def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
+    return build_denoiser(spec.preset, sample_size=args.resolution, in_channels=channels, **spec.overrides)
+
+
+def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -> Path:
+    """One run of the sweep (a train_ddpm.py subprocess), continued from its last checkpoint if interrupted."""
+    run_dir = Path(args.output_dir) / "runs" / run_name(spec, lr)
+    done = run_dir / ".done"
+    if done.is_file():
+        return run_dir
+    model_flags = ["--model", spec.preset]
+    if spec.overrides:
+        config_dir = Path(args.output_dir) / "configs" / spec.label
+        build_variant(spec, args, channels).save_config(config_dir)
+        model_flags = ["--model_config_name_or_path", str(config_dir)]
+    command = [
+        sys.executable, str(TRAIN_SCRIPT), *model_flags, "--dataset_name", args.dataset_name,
+        "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
+        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(lr),
+        "--lr_warmup_steps", str(args.lr_warmup_steps), "--seed", str(args.seed), "--use_ema",
+        "--ddpm_beta_schedule", "squaredcos_cap_v2", "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "50",
+        "--heldout_split", args.heldout_split, "--heldout_steps", str(args.heldout_steps),
+        "--heldout_num_images", str(args.heldout_num_images),
+        "--checkpointing_steps", str(max(args.heldout_steps, args.max_train_steps // 4)), "--checkpoints_total_limit", "1",
+        "--resume_from_checkpoint", "latest", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
+        "--output_dir", str(run_dir), *args.train_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir.parent / f"{run_dir.name}.log"
+    with open(log_file, "a") as log:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"Training {run_dir.name} failed (exit {result.returncode}); see {log_file}.")
+    done.touch()
+    return run_dir
+
+
+def curve(scalars: dict[str, list[tuple[int, float]]], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, training seconds, values) of a held-out tag; seconds are read off train_seconds at the same steps."""
+    seconds = dict(scalars["train_seconds"])
+    steps, values = (np.array(column, dtype=float) for column in zip(*scalars[tag]))
+    return steps, np.array([seconds[int(step)] for step in steps]), values
+
+
+def value_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    """y linearly interpolated at x = `at` (NaN outside the curve's range)."""
+    return float(np.interp(at, x, y)) if x[0] <= at <= x[-1] else math.nan
+
+
+def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Parameters, GFLOPs per forward, seconds per training step and its peak memory, at the recipe's batch size.
+
+    The step times are medians of `repeats` steps timed in turn (model A, B, A, B, ...) in this one process, so a
+    slow spell of a shared machine slows every model alike; they, not the training logs, set the equal-time axis.
+    """
+    steps, costs = {}, {}
+    for spec in args.specs:
+        torch.manual_seed(args.seed)
+        model = build_variant(spec, args, channels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sample = torch.randn(args.train_batch_size, channels, args.resolution, args.resolution)
+        timesteps = torch.randint(0, 1000, (args.train_batch_size,))
+
+        def step(model=model, optimizer=optimizer, sample=sample, timesteps=timesteps) -> None:
+            model(sample, timesteps).sample.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        steps[spec.label] = step
+        costs[spec.label] = {
+            "parameters": model.num_parameters(),
+            "gflops": count_gflops(model.eval(), args.resolution, channels),
+            "peak_train_memory_mib": peak_memory_mib(step, torch.device("cpu")),
+        }
+        model.train()
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - start)
+    for label, measured in times.items():
+        costs[label]["seconds_per_step"] = float(np.median(measured))
+    return costs
+
+
+def select(
+    args: argparse.Namespace, runs: dict[str, dict[float, Path]], costs: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Each model's held-out loss at every rate, its selected rate and that run's curves, and every selected curve
+    at equal training time: the time the fastest-finishing model needs for the whole run (steps x its benchmarked
+    seconds per step), reached by each model at its own step count."""
+    results = {}
+    for spec in args.specs:
+        scalars = {lr: read_scalars(path / "logs") for lr, path in runs[spec.label].items()}
+        final = {lr: s[SELECTION_TAG][-1][1] for lr, s in scalars.items()}
+        best = best_learning_rate(final, higher_is_better=False)
+        steps, seconds, values = curve(scalars[best], SELECTION_TAG)
+        throughput = [value for _, value in scalars[best]["images_per_second"]]
+        results[spec.label] = {
+            "heldout_by_lr": {f"{lr:g}": value for lr, value in final.items()},
+            "learning_rate": best,
+            "on_sweep_edge": on_sweep_edge(best, args.learning_rates),
+            "run_dir": str(runs[spec.label][best]),
+            "curve": {"steps": steps.tolist(), "train_seconds": seconds.tolist(), "heldout_loss_ema": values.tolist()},
+            "heldout_loss": float(values[-1]),
+            "train_seconds": float(seconds[-1]),
+            "images_per_second": float(np.median(throughput)),
+        }
+    equal_time = min(args.max_train_steps * cost["seconds_per_step"] for cost in costs.values())
+    for label, result in results.items():
+        c, step_time = result["curve"], costs[label]["seconds_per_step"]
+        result["steps_at_equal_time"] = equal_time / step_time
+        result["heldout_at_equal_time"] = value_at(np.array(c["steps"]), np.array(c["heldout_loss_ema"]),
+                                                   equal_time / step_time)
+    return {"equal_train_seconds": equal_time, "models": results}
+
+
+def fid_scores(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """FID/KID/precision/recall of the selected runs, all sampled and scored together by eval/fid.py."""
+    fid_dir = Path(args.output_dir) / "fid"
+    report = fid_dir / "report.json"
+    dirs = [model["run_dir"] for model in selection["models"].values()]
+    if not report.is_file() or sorted(row["path"] for row in json.loads(report.read_text())["models"]) != sorted(
+        str(Path(d).resolve()) for d in dirs
+    ):
+        command = [sys.executable, str(FID_SCRIPT), "--model_dirs", *dirs, "--reference", args.dataset_name,
+                   "--split", "train", "--num_samples", str(args.num_samples), "--num_inference_steps",
+                   str(args.num_inference_steps), "--scheduler", "ddim", "--seed", str(args.seed),
+                   "--output_dir", str(fid_dir), *args.fid_args.split()]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads * args.jobs)}
+        subprocess.run(command, cwd=REPO, env=env, check=True)
+    by_path = {row["path"]: row for row in json.loads(report.read_text())["models"]}
+    return {label: by_path[str(Path(model["run_dir"]).resolve())] for label, model in selection["models"].items()}
+
+
+def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Path) -> None:
+    """Held-out loss (EMA weights) against optimiser steps and against training time (steps x benchmarked seconds
+    per step), one line per model; the dashed line is the equal-time budget of the report."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    by_steps, by_time = figure.subplots(1, 2)
+    for label, model in selection["models"].items():
+        c = model["curve"]
+        name = f"{label} (lr {model['learning_rate']:g})"
+        by_steps.plot(c["steps"], c["heldout_loss_ema"], marker=".", label=name)
+        seconds = np.array(c["steps"]) * costs[label]["seconds_per_step"]
+        by_time.plot(seconds, c["heldout_loss_ema"], marker=".", label=name)
+    by_time.axvline(selection["equal_train_seconds"], color="grey", linestyle="--", linewidth=0.8)
+    by_steps.set(xlabel="optimiser step", ylabel="held-out loss (EMA weights)", yscale="log")
+    by_time.set(xlabel="training time (s): steps x benchmarked s/step", ylabel="held-out loss (EMA weights)", yscale="log")
+    for axes in (by_steps, by_time):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.savefig(path, dpi=120)
+
+
+def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[str, dict[str, float]],
+             fid: dict[str, dict[str, Any]]) -> str:
+    rates = [f"{lr:g}" for lr in args.learning_rates]
+    header = (["model", "params (M)", f"GFLOPs @{args.resolution}²"] + [f"held-out @lr {r}" for r in rates]
+              + ["lr", f"held-out @{args.max_train_steps} steps",
+                 f"held-out @{selection['equal_train_seconds']:.0f} s", "s/step", "logged train s", "peak train MiB"]
+              + (["FID", "KID"] if fid else []))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for spec in args.specs:
+        model, cost = selection["models"][spec.label], costs[spec.label]
+        row = [spec.label, f"{cost['parameters'] / 1e6:.3f}", f"{cost['gflops']:.3f}"]
+        row += [f"{model['heldout_by_lr'][r]:.5f}" for r in rates]
+        row += [f"{model['learning_rate']:g}" + (" (edge)" if model["on_sweep_edge"] else ""),
+                f"{model['heldout_loss']:.5f}", f"{model['heldout_at_equal_time']:.5f}",
+                f"{cost['seconds_per_step']:.3f}", f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]
+        if fid:
+            row += [f"{fid[spec.label]['fid']:.2f}", f"{fid[spec.label]['kid_mean']:.4f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    overrides = [f"{spec.label}: {spec.preset} {spec.overrides}" for spec in args.specs if spec.overrides]
+    recipe = (f"{args.dataset_name} at {args.resolution}x{args.resolution}, {args.max_train_steps} steps x batch "
+              f"{args.train_batch_size}, AdamW, {args.lr_warmup_steps}-step warm-up then cosine, EMA, squaredcos_cap_v2, "
+              f"seed {args.seed}, {args.jobs} run(s) at a time x {args.threads} thread(s). Held-out loss: "
+              f"{args.heldout_num_images} {args.heldout_split}-split images, fixed noise and 8 timesteps, EMA weights; "
+              "lr selected on its final value. Equal time: steps x s/step (training steps timed in turn in one process); "
+              "logged train s: the runs' own wall-clock (shared machine).")
+    if fid:
+        first = next(iter(fid.values()))
+        recipe += (f" FID/KID: {first['num_samples']} DDIM-{first['num_inference_steps']} samples per model vs "
+                   f"{first['num_reference']} training images, same per-sample seeds.")
+    return "\n".join(lines) + "\n\n" + recipe + ("\n\nVariants: " + "; ".join(overrides) if overrides else "") + "\n"
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset, _ = load_image_dataset(dataset_name=args.dataset_name)
+    channels = image_channels(dataset[0]["image"])
+    jobs = [(spec, lr) for spec in args.specs for lr in args.learning_rates]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        paths = list(pool.map(lambda job: train(*job, args, channels), jobs))
+    runs: dict[str, dict[float, Path]] = {}
+    for (spec, lr), path in zip(jobs, paths):
+        runs.setdefault(spec.label, {})[lr] = path
+    torch.set_num_threads(args.threads)
+    costs = measure_costs(args, channels)
+    selection = select(args, runs, costs)
+    fid = fid_scores(args, selection) if args.num_samples else {}
+    plot(selection, costs, output_dir / "heldout_vs_cost.png")
+    table = markdown(args, selection, costs, fid)
+    (output_dir / "report.md").write_text(table)
+    report = {"args": {k: v for k, v in vars(args).items() if k != "specs"}, **selection, "costs": costs, "fid": fid,
+              "wall_seconds": time.perf_counter() - start}
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())

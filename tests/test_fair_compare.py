@@ -1,0 +1,100 @@
+"""eval/fair_compare.py: per-model learning-rate selection on the held-out loss, equal-time reading, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from script_runs import load_script
+
+fair_compare = load_script(Path(__file__).resolve().parents[1] / "eval" / "fair_compare.py")
+
+TINY_EMOV2 = "tiny-emo=emov2-1m:block_out_channels=(8, 8, 16, 16),attention_head_dim=8,layers_per_block=1"
+TINY_UNET = ("tiny-unet=unet2d-1m:block_out_channels=(8, 16),down_block_types=('DownBlock2D', 'DownBlock2D'),"
+             "up_block_types=('UpBlock2D', 'UpBlock2D'),norm_num_groups=8,layers_per_block=1")
+
+
+def write_run(path: Path, heldout: list[float], every: int = 10) -> Path:
+    """A fake finished run: tensorboard logs with heldout_loss_ema every `every` steps and train_seconds each step."""
+    writer = SummaryWriter(str(path / "logs" / "train_ddpm"))
+    for step in range(1, every * len(heldout) + 1):
+        writer.add_scalar("train_seconds", 0.5 * step, step)
+        writer.add_scalar("images_per_second", 64.0, step)
+        if step % every == 0:
+            writer.add_scalar("heldout_loss_ema", heldout[step // every - 1], step)
+    writer.close()
+    return path
+
+
+def test_model_specs_are_presets_or_labelled_variants():
+    assert fair_compare.ModelSpec.parse("emov2-1m") == fair_compare.ModelSpec("emov2-1m", "emov2-1m", {})
+    spec = fair_compare.ModelSpec.parse("gn=emov2-1m:window_sizes=(8, 8, 0, 0),upsample_type='conv'")
+    assert spec == fair_compare.ModelSpec("gn", "emov2-1m", {"window_sizes": (8, 8, 0, 0), "upsample_type": "conv"})
+    for bad, message in [("nope", "Unknown model preset"), ("emov2-1m:kernel_size=3", "needs a label"),
+                         ("a=emov2-1m:kernel_size", "key=value"), ("a=emov2-1m:kernel_size=three", "key=value")]:
+        with pytest.raises(ValueError, match=message):
+            fair_compare.ModelSpec.parse(bad)
+    with pytest.raises(ValueError, match="share a label"):
+        fair_compare.parse_args(["--models", "emov2-1m", "emov2-1m", "--output_dir", "x"])
+
+
+def test_each_model_gets_its_own_best_rate_and_is_read_at_equal_time(tmp_path):
+    args = fair_compare.parse_args(["--models", "emov2-1m", "unet2d-1m", "--learning_rates", "1e-3", "3e-3", "1e-2",
+                                    "--max_train_steps", "40", "--output_dir", str(tmp_path)])
+    runs = {
+        "emov2-1m": {1e-3: write_run(tmp_path / "a1", [0.9, 0.5, 0.4, 0.30]),
+                     3e-3: write_run(tmp_path / "a3", [0.8, 0.4, 0.3, 0.20]),  # best final value
+                     1e-2: write_run(tmp_path / "a10", [0.7, 0.3, 0.2, math.nan])},  # diverged: never chosen
+        "unet2d-1m": {1e-3: write_run(tmp_path / "b1", [0.6, 0.4, 0.3, 0.25]),
+                      3e-3: write_run(tmp_path / "b3", [0.6, 0.5, 0.4, 0.35]),
+                      1e-2: write_run(tmp_path / "b10", [0.6, 0.5, 0.45, 0.40])},
+    }
+    costs = {"emov2-1m": {"seconds_per_step": 2.0}, "unet2d-1m": {"seconds_per_step": 1.0}}
+    selection = fair_compare.select(args, runs, costs)
+    emo, unet = selection["models"]["emov2-1m"], selection["models"]["unet2d-1m"]
+    assert emo["learning_rate"] == 3e-3 and not emo["on_sweep_edge"]
+    assert unet["learning_rate"] == 1e-3 and unet["on_sweep_edge"]
+    assert emo["heldout_loss"] == pytest.approx(0.2) and unet["heldout_by_lr"]["0.01"] == pytest.approx(0.4)
+    # Equal time = the faster finisher's 40 steps x 1 s: 20 steps of the 2 s/step model, 40 of the other.
+    assert selection["equal_train_seconds"] == 40.0
+    assert emo["steps_at_equal_time"] == 20 and emo["heldout_at_equal_time"] == pytest.approx(0.4)
+    assert unet["heldout_at_equal_time"] == pytest.approx(0.25)
+    assert emo["curve"]["train_seconds"] == [5.0, 10.0, 15.0, 20.0]  # the logged wall-clock, kept for the report
+
+
+def test_value_at_interpolates_inside_the_curve_only():
+    x, y = np.array([10.0, 20.0]), np.array([1.0, 3.0])
+    assert fair_compare.value_at(x, y, 15.0) == 2.0 and math.isnan(fair_compare.value_at(x, y, 5.0))
+
+
+def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "fair"
+    argv = ["--models", TINY_EMOV2, TINY_UNET, "--learning_rates", "1e-3", "1e-2", "--resolution", "8",
+            "--max_train_steps", "3", "--heldout_steps", "2", "--heldout_num_images", "8", "--lr_warmup_steps", "1",
+            "--num_samples", "0", "--jobs", "2", "--threads", "1", "--output_dir", str(out),
+            "--train_args", "--max_train_samples", "32", "--ddpm_num_steps", "50"]
+    report = fair_compare.main(fair_compare.parse_args(argv))
+
+    for label in ("tiny-emo", "tiny-unet"):
+        model = report["models"][label]
+        by_lr = {float(lr): value for lr, value in model["heldout_by_lr"].items()}
+        assert model["learning_rate"] == min(by_lr, key=by_lr.get)
+        assert model["curve"]["steps"] == [2, 3]  # every --heldout_steps and at the end
+        assert report["costs"][label]["seconds_per_step"] > 0 and report["costs"][label]["parameters"] > 0
+    config = json.loads((out / "configs" / "tiny-emo" / "config.json").read_text())
+    assert config["_class_name"] == "EMOv2UNet2DModel" and config["block_out_channels"] == [8, 8, 16, 16]
+    table = (out / "report.md").read_text()
+    assert table.startswith("| model |") and "| tiny-emo |" in table and "| tiny-unet |" in table
+    assert (out / "heldout_vs_cost.png").stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["models"].keys() == {"tiny-emo", "tiny-unet"}
+
+    stamp = (out / "runs" / "tiny-emo-lr0.001" / "model_index.json").stat().st_mtime_ns
+    again = fair_compare.main(fair_compare.parse_args(argv))  # finished runs are reused, not retrained
+    assert (out / "runs" / "tiny-emo-lr0.001" / "model_index.json").stat().st_mtime_ns == stamp
+    assert again["models"]["tiny-emo"]["heldout_by_lr"] == report["models"]["tiny-emo"]["heldout_by_lr"]
+    assert "| tiny-emo |" in capsys.readouterr().out
