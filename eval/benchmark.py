@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Benchmark the EMOv2 UNet presets against the diffusers UNet2DModel baselines (speed, size, memory).
+"""Benchmark the EMOv2 presets against the diffusers baselines (speed, size, memory).
 
-    python eval/benchmark.py --output_dir outputs/benchmark                 # all presets, CPU, fp32
+    python eval/benchmark.py --output_dir outputs/benchmark                 # the UNet presets, CPU, fp32
     python eval/benchmark.py --models emov2-5m unet2d-5m --quick --output_dir /tmp/bench
+    python eval/benchmark.py --models demo-s-2 dit-s-2 --baseline dit-s-2 --in_channels 4 --num_class_embeds 1001 \
+        --quick --batch_sizes 1 --sampling_batch_size 1 --output_dir /tmp/bench-dit   # D-EMOv2 vs diffusers' DiT
     python eval/benchmark.py --device cuda --dtype bf16 --channels_last --compile --output_dir outputs/benchmark-gpu
 
 Measures parameters, GFLOPs per image, forward latency (batch 1 and 16, 32x32 and 64x64), DDIM-50 sampling
 throughput (batch 16), a training step (forward + backward + AdamW, batch 16, 32x32) and peak memory, interleaved
 over the models (inference before training), and reports medians as ratios to the baseline. Prints the table and
 writes OUTPUT_DIR/benchmark.json and OUTPUT_DIR/benchmark.md. Runs in the user's default environment (torch's
-threads, the default allocator); `--cpu_allocator retain` is an opt-in tuning, reported as such.
+threads, the default allocator); `--cpu_allocator retain` is an opt-in tuning, reported as such. With
+`--num_class_embeds` (label rows, null class included; required by the DiT baselines) every model is
+class-conditional and is timed on its null class.
 """
 
 import argparse
@@ -42,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--sampling_batch_size", type=int, default=None, help="DDIM batch size (default 16).")
     parser.add_argument("--in_channels", type=int, default=3)
+    parser.add_argument(
+        "--num_class_embeds", type=int, default=None,
+        help="Label rows of every model, the null class included (1001: ImageNet's 1000 classes + null, as the D-EMOv2 "
+        "and DiT presets; required by the dit-* baselines). Default: unconditional.",
+    )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice, one per core)."
     )
@@ -82,7 +91,10 @@ def main(argv=None) -> None:
         compile=args.compile,
     )
     builders = {
-        name: functools.partial(build_denoiser, name, in_channels=args.in_channels) for name in models
+        name: functools.partial(
+            build_denoiser, name, in_channels=args.in_channels, num_class_embeds=args.num_class_embeds
+        )
+        for name in models
     }
     report = run_benchmark(builders, args.baseline, settings)
     json_path, md_path = report.save(args.output_dir)

@@ -1,13 +1,15 @@
 """`EMOv2ImagePipeline`: image generation with any diffusers scheduler, optionally class-conditional or in latent space.
 
-The denoiser is anything with the `diffusers.UNet2DModel` contract -- an `emov2_gen.EMOv2UNet2DModel` or a
-`UNet2DModel` -- so EMOv2 and baseline models are sampled by the same code. Unconditional models behave as in
+The denoiser is anything with the `diffusers.UNet2DModel` contract -- an `emov2_gen.EMOv2UNet2DModel`, a
+`UNet2DModel`, a D-EMOv2 `EMOv2Transformer2DModel` or diffusers' `DiTTransformer2DModel` -- so EMOv2 and baseline
+models are sampled by the same code. Timesteps reach the denoiser as a (B,) tensor, as `DiTPipeline` passes them
+(DiT rejects a 0-d one; the others broadcast either to the same values). Unconditional models behave as in
 `DDPMPipeline`/`DDIMPipeline` (same noise, same results for the same generator). Class-conditional models take
 `class_labels`; a model trained with a null class (labels randomly replaced by ``null_class_label`` during
 training, see ``train/train_ddpm.py --class_dropout_prob``) also supports classifier-free guidance. A denoiser
 with learned sigma (``out_channels == 2 * in_channels``, DiT's [epsilon, variance] layout, e.g. a D-EMOv2
-`EMOv2Transformer2DModel`) is sampled through its first ``in_channels`` channels, as `DiTPipeline` does, unless
-the scheduler itself uses a learned variance (``variance_type`` "learned"/"learned_range"). With a ``vae``
+`EMOv2Transformer2DModel` or a DiT) is sampled through its first ``in_channels`` channels, as `DiTPipeline` does,
+unless the scheduler itself uses a learned variance (``variance_type`` "learned"/"learned_range"). With a ``vae``
 (a latent-space denoiser, e.g. ``train/train_ddpm.py --vae_name_or_path``) the samples are latents, decoded as
 ``vae.decode(latents / vae.config.scaling_factor)`` (as `DiTPipeline`) before they are returned.
 
@@ -26,13 +28,24 @@ import inspect
 from typing import Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def class_label_rows(denoiser: ModelMixin) -> Optional[int]:
+    """Rows of the denoiser's class-label table, the null class included (``None``: unconditional).
+
+    ``num_class_embeds`` for the UNets and D-EMOv2; diffusers' `DiTTransformer2DModel` has ``num_embeds_ada_norm``
+    classes plus the null row it adds itself (index ``num_embeds_ada_norm``, `DiTPipeline`'s null class).
+    """
+    if isinstance(denoiser, DiTTransformer2DModel):
+        return denoiser.config.num_embeds_ada_norm + 1
+    return denoiser.config.get("num_class_embeds")
 
 
 class EMOv2ImagePipeline(DiffusionPipeline):
@@ -64,10 +77,10 @@ class EMOv2ImagePipeline(DiffusionPipeline):
     @property
     def num_classes(self) -> Optional[int]:
         """The number of real classes the denoiser was trained on (``None`` for unconditional models)."""
-        num_class_embeds = self.unet.config.get("num_class_embeds")
-        if num_class_embeds is None:
+        rows = class_label_rows(self.unet)
+        if rows is None:
             return None
-        return num_class_embeds - (1 if self.config.null_class_label is not None else 0)
+        return rows - (1 if self.config.null_class_label is not None else 0)
 
     def _prepare_class_labels(
         self, class_labels: Optional[Union[int, list[int], torch.Tensor]], batch_size: Optional[int]
@@ -182,7 +195,8 @@ class EMOv2ImagePipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([image, image]) if guided else image
             model_input = self.scheduler.scale_model_input(model_input, t)
-            model_output = self.unet(model_input, t, class_labels=labels).sample
+            timesteps = t.expand(model_input.shape[0])
+            model_output = self.unet(model_input, timesteps, class_labels=labels).sample
             prediction, variance = self._split_learned_sigma(model_output, image.shape[1])
             if guided:  # guidance on the prediction; the variance is the conditional one (as DiTPipeline)
                 conditional, unconditional = prediction.chunk(2)

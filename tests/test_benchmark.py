@@ -18,6 +18,7 @@ from torch import nn
 
 from emov2_gen.evaluation.benchmark import (
     BenchmarkSettings,
+    NullClassDenoiser,
     _interleaved_seconds,
     benchmark_metrics,
     environment_info,
@@ -184,6 +185,35 @@ def test_report_values_and_ratios_match_hand_counts_and_the_raw_timings(tmp_path
     assert table[2].startswith("| conv1 |") and table[3].startswith("| conv3 | 0.00M (7.00x) | 4.15e-05 (9.00x) |")
 
 
+def test_class_conditional_transformers_are_timed_and_sampled_on_their_null_class():
+    """diffusers' DiT cannot run without labels: every call the benchmark makes (FLOP count, forwards, sampling,
+    training step) passes the null class, the last label row, to DiT and to a class-conditional DEMO alike."""
+    labels: dict[str, list[torch.Tensor]] = {"dit-t-2": [], "demo-t-2": []}
+
+    def recorded(name: str, num_class_embeds: int):
+        def build(sample_size: int) -> ModelMixin:
+            model = build_denoiser(name, sample_size, in_channels=1, num_class_embeds=num_class_embeds)
+            hook = lambda module, args, kwargs: labels[name].append(kwargs["class_labels"])  # noqa: E731
+            model.register_forward_pre_hook(hook, with_kwargs=True)
+            return model
+
+        return build
+
+    settings = BenchmarkSettings(resolutions=(8,), batch_sizes=(2,), train_resolution=8, train_batch_size=2,
+                                 sampling_batch_size=3, sampling_steps=2, repeats=1, sampling_repeats=1, in_channels=1)
+    report = run_benchmark({"dit-t-2": recorded("dit-t-2", 11), "demo-t-2": recorded("demo-t-2", 5)}, "dit-t-2", settings)
+    assert {name: {tuple(t.tolist()) for t in calls} for name, calls in labels.items()} == {
+        "dit-t-2": {(10,), (10, 10), (10, 10, 10)},  # the FLOP count, forwards and training (2), sampling (3)
+        "demo-t-2": {(4,), (4, 4), (4, 4, 4)},
+    }
+    assert report.model_classes == {"dit-t-2": "DiTTransformer2DModel", "demo-t-2": "EMOv2Transformer2DModel"}
+    for name in labels:
+        assert all(math.isfinite(v) and v > 0 for v in report.values[name].values())
+    dit = build_denoiser("dit-t-2", 8, in_channels=1, num_class_embeds=11)
+    assert report.values["dit-t-2"]["parameters"] == dit.num_parameters()
+    assert report.values["dit-t-2"]["gflops_8px"] == pytest.approx(count_gflops(NullClassDenoiser(dit), 8, 1))
+
+
 def test_cuda_reports_say_whether_the_fused_layernorm_kernel_was_on(monkeypatch):
     """A/B runs of the kernel (EMOV2_GEN_FUSED_NORM=0) must be told apart by their reports; CPU reports omit it."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")  # no GPU needed
@@ -259,6 +289,27 @@ def test_model_table_lists_a_demo_transformer_by_depth_width_and_patch(capsys):
     assert not any(name.startswith("demo-") for name in model_table.parse_args([]).models)
     model_table.main(["--models", "demo-s-2", "--baseline", "demo-s-2", "--sample_size", "8", "--in_channels", "4"])
     assert "| demo-s-2 | EMOv2Transformer2DModel | 12 x 384, patch 2 |" in capsys.readouterr().out
+
+
+def test_model_table_and_benchmark_cli_put_dit_beside_demo(tmp_path, capsys):
+    out = tmp_path / "table.json"
+    args = ["--models", "demo-t-2", "dit-t-2", "--baseline", "dit-t-2", "--sample_size", "8", "--in_channels", "1"]
+    eval_script("model_table").main([*args, "--num_class_embeds", "11", "--json", str(out)])
+    rows = {row["name"]: row for row in json.loads(out.read_text())["models"]}
+    assert rows["dit-t-2"]["parameters"] == build_denoiser("dit-t-2", 8, 1, num_class_embeds=11).num_parameters()
+    assert rows["demo-t-2"]["parameters"] == build_denoiser("demo-t-2", 8, 1, num_class_embeds=11).num_parameters()
+    assert all(row["gflops_per_image"] > 0 for row in rows.values())
+    assert "| dit-t-2 | DiTTransformer2DModel | 6 x 128, patch 2 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="DiTTransformer2DModel is class-conditional"):
+        eval_script("model_table").main(args)
+
+    saved = run_benchmark_cli(
+        tmp_path / "bench", "--models", "demo-t-2", "dit-t-2", "--baseline", "dit-t-2", "--in_channels", "1",
+        "--num_class_embeds", "11", "--resolutions", "8", "--batch_sizes", "1", "--sampling_batch_size", "1",
+    )
+    assert [m["name"] for m in saved["models"]] == ["demo-t-2", "dit-t-2"]
+    assert saved["models"][0]["values"]["parameters"] == rows["demo-t-2"]["parameters"]
+    assert saved["models"][1]["values"]["gflops_8px"] == pytest.approx(rows["dit-t-2"]["gflops_per_image"])
 
 
 def test_profile_ops_counts_ops_and_lists_the_costliest(capsys):

@@ -8,6 +8,10 @@ process has run training steps, its heap holds their freed activations, and ever
 percent slower (without page faults: the temporaries land elsewhere), and the model that allocates more suffered
 more (emov2-5m more than unet2d-5m; README, "Inference timed before training"). Timed after training, the
 forwards measured that history as much as the models.
+Class-conditional denoisers (the D-EMOv2 and DiT presets with `num_class_embeds`) are timed, counted and sampled
+on their null class (`NullClassDenoiser`), the class-less call every model can make: diffusers' DiT cannot run
+without labels. Sampling runs `EMOv2ImagePipeline` (the repo's sampler, equal to `DDIMPipeline` for unconditional
+UNets), which also takes the prediction half of a learned-sigma output.
 Peak memory is the most tensor memory the step allocates beyond what was already allocated (weights,
 optimizer state): `torch.cuda.max_memory_allocated` on CUDA; on CPU the running sum of the CPU allocator's
 `[memory]` events recorded by `torch.profiler` (tensor bytes, not RSS).
@@ -24,18 +28,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMPipeline, DDIMScheduler
+from diffusers import DDIMScheduler
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from ..cpu_allocator import cpu_allocator_description
 from ..layers.fused_norm import fused_kernel_enabled
+from ..pipelines import EMOv2ImagePipeline
+from ..pipelines.pipeline_emov2_image import class_label_rows
 from .flops import FLOP_CONVENTION, count_gflops
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -280,6 +287,27 @@ def peak_memory_mib(run: Callable[[], Any], device: torch.device) -> float:
     return peak / 2**20
 
 
+def null_class_label(model: ModelMixin) -> Optional[int]:
+    """The label of a class-less call to a class-conditional denoiser: its last label row, the null class of the
+    D-EMOv2 and DiT presets (`class_label_rows`); None for an unconditional denoiser."""
+    rows = class_label_rows(model)
+    return None if rows is None else rows - 1
+
+
+class NullClassDenoiser(nn.Module):
+    """`model(sample, timestep)` for any denoiser: a class-conditional one gets `null_class_label` unless labels are
+    passed, so that every model is timed and FLOP-counted on the same call (diffusers' DiT needs labels)."""
+
+    def __init__(self, model: ModelMixin) -> None:
+        super().__init__()
+        self.model, self.null_class_label = model, null_class_label(model)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> Any:
+        if class_labels is None and self.null_class_label is not None:
+            class_labels = torch.full((sample.shape[0],), self.null_class_label, device=sample.device)
+        return self.model(sample, timestep, class_labels=class_labels)
+
+
 class _ModelUnderTest:
     """One model (per resolution) with its inputs, optimizer and pipeline, and the closures that run them."""
 
@@ -287,9 +315,13 @@ class _ModelUnderTest:
         self.settings, self.device = settings, device
         self.gflops: dict[int, float] = {}
         self.models = {res: self._prepare(build(res), res) for res in settings.resolutions}
+        self.calls = {res: NullClassDenoiser(model) for res, model in self.models.items()}
         train_model = self.models[settings.train_resolution]
         self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
-        self.pipeline = DDIMPipeline(unet=train_model, scheduler=DDIMScheduler(num_train_timesteps=1000))
+        self.pipeline = EMOv2ImagePipeline(
+            unet=train_model, scheduler=DDIMScheduler(num_train_timesteps=1000),
+            null_class_label=null_class_label(train_model),
+        )
         self.pipeline.set_progress_bar_config(disable=True)
 
     def _prepare(self, model: ModelMixin, resolution: int) -> ModelMixin:
@@ -297,7 +329,7 @@ class _ModelUnderTest:
         if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # Counted before compiling: FlopCounterMode does not see inside a compiled graph.
-        self.gflops[resolution] = count_gflops(model, resolution, self.settings.in_channels)
+        self.gflops[resolution] = count_gflops(NullClassDenoiser(model), resolution, self.settings.in_channels)
         if self.settings.compile:
             # Static shapes: each case is one fixed shape. With dynamic=None a second batch size or resolution
             # marks the dims symbolic, and on CPU (torch 2.14) inductor then failed to compile the training step
@@ -318,7 +350,7 @@ class _ModelUnderTest:
         return sample.to(self.device), timesteps.to(self.device)
 
     def forward(self, batch_size: int, resolution: int) -> Callable[[], None]:
-        model = self.models[resolution]
+        model = self.calls[resolution]
         sample, timesteps = self._inputs(batch_size, resolution)
 
         def run() -> None:
@@ -328,15 +360,16 @@ class _ModelUnderTest:
         return run
 
     def train_step(self) -> Callable[[], None]:
-        """Forward, epsilon-MSE backward and an AdamW step."""
-        model = self.models[self.settings.train_resolution]
+        """Forward, epsilon-MSE backward (of a learned-sigma output's prediction half, as train_ddpm.py) and an AdamW
+        step."""
+        model = self.calls[self.settings.train_resolution]
         noisy, timesteps = self._inputs(self.settings.train_batch_size, self.settings.train_resolution)
         noise = torch.randn_like(noisy)
 
         def run() -> None:
             model.train()
             with self._autocast():
-                prediction = model(noisy, timesteps).sample
+                prediction = model(noisy, timesteps).sample[:, : noise.shape[1]]
             F.mse_loss(prediction.float(), noise).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -345,7 +378,7 @@ class _ModelUnderTest:
         return run
 
     def sampling(self, num_inference_steps: int) -> Callable[[], None]:
-        """DDIM sampling of one batch with the diffusers pipeline."""
+        """DDIM sampling of one batch with `EMOv2ImagePipeline` (class-conditional models: the null class)."""
 
         def run() -> None:
             with torch.inference_mode(), self._autocast():
