@@ -34,8 +34,9 @@ fid_batch=500
 if [ "${SMOKE:-0}" = 1 ]; then
   bench=(--device "$DEVICE" --quick --models emov2-1m unet2d-5m)
   seg=(--crop_size 32 --synthetic_size 64 64 --num_synthetic_train 2 --num_synthetic_validation 1
-       --train_batch_size 2 --cost_size 64 --cost_models --latency_repeats 1)
+       --num_synthetic_test 1 --train_batch_size 2 --cost_size 64 --cost_models --latency_repeats 1)
   seg_paper=("${seg[@]}")
+  seg+=(--learning_rates 1e-2)  # one run per model (the sweep is seg_benchmark's own test)
   fid_batch=4
 fi
 mkdir -p "$OUT"

@@ -259,8 +259,12 @@ def test_samples_saved_by_samples_only_score_exactly_as_a_one_step_run(tmp_path,
     for model in scored["models"]:
         reference = one_step[model["name"]]
         assert model["num_samples"] == model["num_reference"] == 8 and model["sampler"] == "DDPMScheduler"
-        for key in ("fid", "kid_mean", "precision", "recall", "parameters", "gflops_per_forward", "reference_key"):
+        for key in ("precision", "recall", "parameters", "gflops_per_forward", "reference_key"):
             assert model[key] == getattr(reference, key), key
+        # The same samples and reference: the scores agree to float round-off (Inception features computed in another
+        # process may sum in another order; CI saw FID differ in the 7th significant digit).
+        for key in ("fid", "kid_mean"):
+            assert model[key] == pytest.approx(getattr(reference, key), rel=1e-5), key
 
 
 def test_samples_files_are_checked_before_scoring(tmp_path, model_dirs, mnist_dir):

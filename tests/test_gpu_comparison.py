@@ -41,7 +41,7 @@ def test_gpu_comparison_seg_paper_phase_runs_the_paper_recipe(tmp_path, mnist_di
     seg = json.loads((tmp_path / "seg-paper" / "results.json").read_text())
     assert [row["model"] for row in seg["rows"]][:2] == ["unet-emov2-paper", "unet-s5-d16"]
     recipe = seg["args"]
-    assert (recipe["learning_rate"], recipe["max_grad_norm"], recipe["max_train_steps"]) == (1.2e-4, 0.1, 2)
+    assert (recipe["learning_rates"], recipe["max_grad_norm"], recipe["max_train_steps"]) == ([1.2e-4], 0.1, 2)
 
 
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
