@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # counterpart in an i2RMB UNet (LayerNorms, stride-2 i2RMB downsampling, SEW-MHSA levels by block type).
 NOT_APPLICABLE_UNET2D_KEYS = {
     "act_fn", "add_attention", "attn_norm_num_groups", "downsample_padding", "downsample_type",
-    "mid_block_scale_factor", "norm_num_groups", "resnet_time_scale_shift",
+    "mid_block_scale_factor", "norm_num_groups",
 }
 
 
@@ -205,6 +205,39 @@ def test_adaln_gate_is_zero_initialised_so_blocks_start_as_their_shortcut(make_t
         torch.testing.assert_close(out, block.shortcut(hidden), rtol=0, atol=0)
     # Hence, at init, the timestep has no effect at all.
     torch.testing.assert_close(predict(model, sample, 999), predict(model, sample, 0))
+
+
+@pytest.mark.parametrize("entry, outputs", [("ada_norm_zero", 3), ("scale_shift", 2), ("default", 1)])
+def test_condition_entry_knob_sets_which_adaln_parameters_exist(make_tiny_unet, sample, entry, outputs):
+    """resnet_time_scale_shift (an ablation knob): shift+scale+gate, shift+scale, or an additive shift only."""
+    model = activate_conditioning(make_tiny_unet(resnet_time_scale_shift=entry))
+    block = conditioned_blocks(model)[0]
+    shift, scale, gate = block.modulation(torch.randn(2, model.config.block_out_channels[0] * 4))
+    assert sum(part is not None for part in (shift, scale, gate)) == outputs
+    if entry == "default":  # the pre-norm output plus the shift
+        x = torch.randn(2, block.in_channels, 4, 4)
+        temb = torch.randn(2, model.config.block_out_channels[0] * 4)
+        expected = block.norm(x) + block.modulation(temb)[0]
+        torch.testing.assert_close(block._pre_norm(x, temb)[0], expected)
+    # The timestep reaches the output whatever the entry.
+    assert not torch.allclose(predict(model, sample, 999), predict(model, sample, 0))
+    with pytest.raises(ValueError, match="condition type"):
+        make_tiny_unet(resnet_time_scale_shift="film")
+
+
+def test_norm_type_knob_swaps_every_layernorm_for_groupnorm(make_tiny_unet, sample, tmp_path):
+    from emov2_gen.layers.norms import LayerNorm2d
+
+    model = make_tiny_unet(norm_type="gn")
+    assert not any(isinstance(m, LayerNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) > 20
+    assert sum(isinstance(m, LayerNorm2d) for m in make_tiny_unet().modules()) > 20
+    model.save_pretrained(tmp_path)
+    reloaded = EMOv2UNet2DModel.from_pretrained(tmp_path)
+    assert reloaded.config.norm_type == "gn"
+    torch.testing.assert_close(predict(reloaded, sample), predict(model, sample), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="norm_type"):
+        make_tiny_unet(norm_type="bn")
 
 
 def test_class_conditioning(make_tiny_unet, sample):

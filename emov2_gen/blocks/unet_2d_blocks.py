@@ -44,8 +44,11 @@ def conditioned_i2rmb(
     dropout: float = 0.0,
     drop_path: float = 0.0,
     norm_eps: float = 1e-6,
+    norm: str = "ln",
+    condition: str = "ada_norm_zero",
 ) -> I2RMB:
-    """The stride-1, time-conditioned i2RMB used throughout the denoiser."""
+    """The stride-1, time-conditioned i2RMB used throughout the denoiser (`norm` and `condition` are ablation knobs:
+    the defaults are the denoiser's design, see the module docstring)."""
     return I2RMB(
         in_channels,
         out_channels,
@@ -56,22 +59,23 @@ def conditioned_i2rmb(
         num_heads=num_heads,
         window_size=window_size,
         kernel_size=kernel_size,
-        norm="ln",
+        norm=norm,
         act="gelu" if attention else "silu",
-        dw_norm="ln",
+        dw_norm=norm,
         dw_act="gelu",
         norm_eps=norm_eps,
         dropout=dropout,
         drop_path=drop_path,
         conv_shortcut=True,
         temb_channels=temb_channels,
+        condition=condition,
     )
 
 
-def make_upsampler(upsample_type: str, channels: int, norm_eps: float = 1e-6) -> nn.Module:
+def make_upsampler(upsample_type: str, channels: int, norm_eps: float = 1e-6, norm: str = "ln") -> nn.Module:
     """x2 upsampling at constant width: 'interp_conv' (official EMOv2 UNet) or 'conv' (diffusers' Upsample2D)."""
     if upsample_type == "interp_conv":
-        return InterpConv(channels, channels, norm="ln", act="relu", eps=norm_eps, conv_first=True)
+        return InterpConv(channels, channels, norm=norm, act="relu", eps=norm_eps, conv_first=True)
     if upsample_type == "conv":
         return Upsample2D(channels, use_conv=True, out_channels=channels)
     raise ValueError(f"Unknown upsample_type {upsample_type!r}; expected one of {UPSAMPLE_TYPES}.")
@@ -122,7 +126,8 @@ class EMOv2DownBlock2D(_CheckpointedLayers):
         self.downsampler = (
             I2RMB(
                 out_channels, out_channels, expansion=2 * block_kwargs["expansion"], stride=2,
-                kernel_size=block_kwargs.get("kernel_size", 5), norm="ln", act="silu", dw_norm="ln", dw_act="gelu",
+                kernel_size=block_kwargs.get("kernel_size", 5), norm=block_kwargs.get("norm", "ln"), act="silu",
+                dw_norm=block_kwargs.get("norm", "ln"), dw_act="gelu",
                 norm_eps=block_kwargs.get("norm_eps", 1e-6), layer_scale_init=None,
             )
             if add_downsample
@@ -203,7 +208,11 @@ class EMOv2UpBlock2D(_CheckpointedLayers):
                 )
             )
         self.layers = nn.ModuleList(layers)
-        self.upsampler = make_upsampler(upsample_type, out_channels, block_kwargs.get("norm_eps", 1e-6)) if add_upsample else None
+        self.upsampler = (
+            make_upsampler(upsample_type, out_channels, block_kwargs.get("norm_eps", 1e-6), block_kwargs.get("norm", "ln"))
+            if add_upsample
+            else None
+        )
 
     def forward(
         self, hidden: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor

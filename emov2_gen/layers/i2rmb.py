@@ -52,6 +52,7 @@ class I2RMB(nn.Module):
         conv_shortcut: 1x1 conv on the shortcut when C_in != C_out (diffusion UNet choice).
         temb_channels: if set, the block is conditioned through `AdaLNModulation` and forward needs
             `temb`; the zero-initialised gate replaces the layer scale.
+        condition: how `temb` enters (`layers.conditioning.CONDITION_TYPES`; default adaLN-Zero).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class I2RMB(nn.Module):
         residual: Optional[bool] = None,
         conv_shortcut: bool = False,
         temb_channels: Optional[int] = None,
+        condition: str = "ada_norm_zero",
     ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
@@ -101,7 +103,7 @@ class I2RMB(nn.Module):
         self.stride, self.residual = stride, residual
 
         self.norm = make_norm(norm, in_channels, eps=norm_eps)
-        self.modulation = AdaLNModulation(temb_channels, in_channels, out_channels) if temb_channels else None
+        self.modulation = AdaLNModulation(temb_channels, in_channels, out_channels, condition) if temb_channels else None
         # The expansion; in the attention variant it doubles as the value projection.
         self.expand = nn.Sequential(nn.Conv2d(in_channels, mid, kernel_size=1, bias=True), make_act(act))
         self.attn = (
@@ -128,6 +130,8 @@ class I2RMB(nn.Module):
         if temb is None:
             raise ValueError("This i2RMB is conditioned (temb_channels set); pass `temb`.")
         shift, scale, gate = self.modulation(temb)
+        if scale is None:  # the additive "default" entry
+            return norm_act(x, self.norm) + shift, gate
         return norm_act(x, self.norm, shift=shift, scale=scale), gate
 
     def _local_mix(self, z: torch.Tensor) -> torch.Tensor:

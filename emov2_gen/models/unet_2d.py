@@ -78,6 +78,11 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
     (depth-wise), `drop_path_rate` (stochastic depth, linear over the encoder+mid+decoder blocks).
     `upsample_type` is UNet2DModel's key with EMOv2 values: 'interp_conv' (the official EMOv2 UNet's upsampler,
     default) or 'conv' (diffusers' `Upsample2D`).
+
+    Ablation knobs (`eval/fair_compare.py` rows; the defaults are the design): `norm_type` 'ln' (channel LayerNorm,
+    default) or 'gn' (GroupNorm, as UNet2DModel) for every norm; `resnet_time_scale_shift` is UNet2DModel's key for
+    how the condition enters, with 'ada_norm_zero' (shift, scale and a zero-initialised gate; default), 'scale_shift'
+    (no gate) or 'default' (an additive shift), see `layers.conditioning`.
     """
 
     _supports_gradient_checkpointing = True
@@ -112,6 +117,8 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
         num_class_embeds: Optional[int] = None,
         num_train_timesteps: Optional[int] = None,
         upsample_type: str = "interp_conv",
+        norm_type: str = "ln",
+        resnet_time_scale_shift: str = "ada_norm_zero",
     ) -> None:
         super().__init__()
         levels = len(block_out_channels)
@@ -122,6 +129,8 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
             )
         if mid_block_type is not None and mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"Unknown mid_block_type {mid_block_type!r}; expected one of {MID_BLOCK_TYPES} or None.")
+        if norm_type not in ("ln", "gn"):
+            raise ValueError(f"norm_type must be 'ln' or 'gn' (BatchNorm would mix noise levels), got {norm_type!r}.")
         expansions = _per_level(expansion_ratios, levels, "expansion_ratios")
         head_dims = _per_level(attention_head_dim, levels, "attention_head_dim")
         self.window_sizes = tuple(int(w) for w in _per_level(window_sizes, levels, "window_sizes"))
@@ -169,7 +178,7 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
             return dict(
                 num_layers=num_layers, expansion=expansions[level], head_dim=head_dims[level],
                 window_size=self.window_sizes[level], kernel_size=kernel_size, dropout=dropout, norm_eps=norm_eps,
-                drop_path=[next(drop_rates) for _ in range(num_layers)],
+                drop_path=[next(drop_rates) for _ in range(num_layers)], norm=norm_type, condition=resnet_time_scale_shift,
             )
 
         self.conv_in = nn.Conv2d(in_channels, ch0, kernel_size=3, padding=1)
@@ -197,7 +206,7 @@ class EMOv2UNet2DModel(AlignedLoadingMixin, ConfigMixin):
                     add_upsample=i < levels - 1, upsample_type=upsample_type, **kwargs_for(level, layers_per_block + 1),
                 )
             )
-        self.conv_norm_out = make_norm("ln", ch0, eps=norm_eps)
+        self.conv_norm_out = make_norm(norm_type, ch0, eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch0, out_channels, kernel_size=3, padding=1)
 
