@@ -17,9 +17,11 @@
    GFLOPs, training throughput, peak training memory and the sample grids.
 
 A model is a preset name, or `LABEL=PRESET:key=value,...` for a variant (the ablations), e.g.
-`emov2-1m-gn=emov2-1m:norm_type='gn'` (values are Python literals). Re-running continues unfinished runs from their
-latest checkpoint and reuses finished ones. Wall-clock is only comparable between runs that shared the machine in
-the same way: `--jobs 2 --threads 1` runs models side by side, one core each.
+`emov2-1m-gn=emov2-1m:norm_type='gn'` (values are Python literals). Class-conditional denoisers (the D-EMOv2 vs
+DiT comparison, `--models demo-t-2 dit-t-2 --resolution 32 --class_conditional`) train on the labels and sample
+balanced labels. Re-running continues unfinished runs from their latest checkpoint and reuses finished ones.
+Wall-clock is only comparable between runs that shared the machine in the same way: `--jobs 2 --threads 1` runs
+models side by side, one core each.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ import torch
 from matplotlib.figure import Figure
 
 from emov2_gen.data.image_datasets import load_image_dataset
-from emov2_gen.data.training_images import image_channels
-from emov2_gen.evaluation.benchmark import peak_memory_mib
+from emov2_gen.data.training_images import image_channels, num_classes
+from emov2_gen.evaluation.benchmark import NullClassDenoiser, peak_memory_mib
 from emov2_gen.evaluation.flops import count_gflops
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
 from emov2_gen.evaluation.training_logs import read_scalars
@@ -97,6 +99,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--heldout_steps", type=int, default=100)
     data.add_argument("--heldout_num_images", type=int, default=512)
+    data.add_argument("--class_conditional", action="store_true",
+                      help="Train on the labels (train_ddpm.py's null class and label dropout 0.1; the held-out loss "
+                           "uses the test labels) and sample FID with balanced labels: the D-EMOv2 vs DiT comparison.")
     data.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                       help="Further train_ddpm.py flags for every run (must come last).")
     scoring = parser.add_argument_group("FID (eval/fid.py)")
@@ -124,7 +129,9 @@ def run_name(spec: ModelSpec, lr: float) -> str:
 
 
 def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
-    return build_denoiser(spec.preset, sample_size=args.resolution, in_channels=channels, **spec.overrides)
+    """The run's model as train_ddpm.py builds it (a class-conditional one with the data's labels + the null row)."""
+    return build_denoiser(spec.preset, sample_size=args.resolution, in_channels=channels,
+                          num_class_embeds=args.num_class_embeds, **spec.overrides)
 
 
 def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -> Path:
@@ -148,7 +155,7 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -
         "--heldout_num_images", str(args.heldout_num_images),
         "--checkpointing_steps", str(max(args.heldout_steps, args.max_train_steps // 4)), "--checkpoints_total_limit", "1",
         "--resume_from_checkpoint", "latest", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
-        "--output_dir", str(run_dir), *args.train_args,
+        "--output_dir", str(run_dir), *(["--class_conditional"] if args.class_conditional else []), *args.train_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -183,12 +190,13 @@ def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 5) -> 
     for spec in args.specs:
         torch.manual_seed(args.seed)
         model = build_variant(spec, args, channels)
+        call = NullClassDenoiser(model)  # a class-conditional model (DEMO, DiT) is timed on its null class
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         sample = torch.randn(args.train_batch_size, channels, args.resolution, args.resolution)
         timesteps = torch.randint(0, 1000, (args.train_batch_size,))
 
-        def step(model=model, optimizer=optimizer, sample=sample, timesteps=timesteps) -> None:
-            model(sample, timesteps).sample.square().mean().backward()
+        def step(call=call, optimizer=optimizer, sample=sample, timesteps=timesteps) -> None:
+            call(sample, timesteps).sample.square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -254,7 +262,8 @@ def fid_scores(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str,
         command = [sys.executable, str(FID_SCRIPT), "--model_dirs", *dirs, "--reference", args.dataset_name,
                    "--split", "train", "--num_samples", str(args.num_samples), "--num_inference_steps",
                    str(args.num_inference_steps), "--scheduler", "ddim", "--seed", str(args.seed),
-                   "--output_dir", str(fid_dir), *args.fid_args.split()]
+                   "--output_dir", str(fid_dir), *(["--class_conditional"] if args.class_conditional else []),
+                   *args.fid_args.split()]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads * args.jobs)}
         subprocess.run(command, cwd=REPO, env=env, check=True)
     by_path = {row["path"]: row for row in json.loads(report.read_text())["models"]}
@@ -319,6 +328,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     dataset, _ = load_image_dataset(dataset_name=args.dataset_name)
     channels = image_channels(dataset[0]["image"])
+    args.num_class_embeds = num_classes(dataset) + 1 if args.class_conditional else None
     jobs = [(spec, lr) for spec in args.specs for lr in args.learning_rates]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         paths = list(pool.map(lambda job: train(*job, args, channels), jobs))

@@ -5,6 +5,8 @@ the S/B presets are counted on the meta device."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,9 @@ from emov2_gen.models.registry import (
 from emov2_gen.models.transformer_2d import demo_parameter_count
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines.pipeline_emov2_image import class_label_rows
+from script_runs import load_script, run_script, tensorboard_scalars
+
+train_ddpm = load_script(Path(__file__).resolve().parents[1] / "train" / "train_ddpm.py")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,3 +197,22 @@ def test_image_pipeline_samples_saves_and_reloads_a_dit(tmp_path):
     np.testing.assert_array_equal(sample(reloaded, ddim, class_labels=[3, 7], guidance_scale=3.0), guided)
     ddpm = DDPMScheduler(num_train_timesteps=50)
     np.testing.assert_array_equal(sample(reloaded, ddpm, batch_size=2), sample(pipeline, ddpm, batch_size=2))
+
+
+def test_train_ddpm_trains_a_class_conditional_dit_with_the_held_out_loss(tmp_path, mnist_dir):
+    """`train_ddpm.py --model dit-t-2 --class_conditional` (the DEMO vs DiT comparison's baseline run): labels from
+    MNIST, the held-out loss on labelled test digits, and an `EMOv2ImagePipeline` holding the DiT."""
+    config = tmp_path / "dit"
+    tiny_dit().save_config(config)
+    out = tmp_path / "run"
+    run_script(train_ddpm, [
+        "--model_config_name_or_path", str(config), "--dataset_name", str(mnist_dir), "--resolution", "8",
+        "--class_conditional", "--train_batch_size", "4", "--max_train_samples", "16", "--max_train_steps", "2",
+        "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", "--lr_warmup_steps", "1",
+        "--heldout_split", "test", "--heldout_num_images", "8", "--heldout_steps", "1", "--output_dir", str(out),
+    ])  # fmt: skip
+    pipeline = EMOv2ImagePipeline.from_pretrained(out)
+    assert isinstance(pipeline.unet, DiTTransformer2DModel) and pipeline.num_classes == 10
+    assert class_label_rows(pipeline.unet) == 11 and pipeline.config.null_class_label == 10
+    heldout = tensorboard_scalars(out / "logs")["heldout_loss"]
+    assert len(heldout) == 2 and all(np.isfinite(heldout))

@@ -98,3 +98,23 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
     assert (out / "runs" / "tiny-emo-lr0.001" / "model_index.json").stat().st_mtime_ns == stamp
     assert again["models"]["tiny-emo"]["heldout_by_lr"] == report["models"]["tiny-emo"]["heldout_by_lr"]
     assert "| tiny-emo |" in capsys.readouterr().out
+
+
+def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_labels(tmp_path, monkeypatch):
+    tiny = ["tiny-demo=demo-t-2:num_layers=1,num_attention_heads=2,attention_head_dim=8",
+            "tiny-dit=dit-t-2:num_layers=1,num_attention_heads=2,attention_head_dim=8"]
+    args = fair_compare.parse_args(["--models", *tiny, "--learning_rates", "1e-3", "3e-3", "1e-2", "--resolution", "8",
+                                    "--train_batch_size", "2", "--class_conditional", "--output_dir", str(tmp_path)])
+    args.num_class_embeds = 11  # MNIST's 10 digits + the null row, as main() reads them off the data
+    costs = fair_compare.measure_costs(args, channels=1, repeats=1)  # diffusers' DiT cannot run without labels
+    assert all(cost["gflops"] > 0 and cost["seconds_per_step"] > 0 for cost in costs.values())
+    assert fair_compare.build_variant(args.specs[1], args, 1).config.num_embeds_ada_norm == 10
+
+    commands = []
+    monkeypatch.setattr(fair_compare.subprocess, "run", lambda command, **_: commands.append(command)
+                        or type("Done", (), {"returncode": 0})())  # fmt: skip
+    (tmp_path / "runs" / "tiny-demo-lr0.001").mkdir(parents=True)  # what the training subprocess would make
+    fair_compare.train(args.specs[0], 1e-3, args, channels=1)
+    assert "--class_conditional" in commands[0] and "--model_config_name_or_path" in commands[0]
+    config = json.loads((tmp_path / "configs" / "tiny-demo" / "config.json").read_text())
+    assert config["num_class_embeds"] == 11 and config["num_layers"] == 1

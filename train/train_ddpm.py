@@ -399,7 +399,8 @@ def save_trained_pipeline(
     `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_emov2_image", trust_remote_code=True)`
     works for users (and hub repos) without emov2_gen's pipelines on their path.
     """
-    if unet.config.num_class_embeds is None and vae is None and unet.config.out_channels == unet.config.in_channels:
+    unconditional = pipeline_emov2_image.class_label_rows(unet) is None
+    if unconditional and vae is None and unet.config.out_channels == unet.config.in_channels:
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(output_dir)
         return
     EMOv2ImagePipeline(

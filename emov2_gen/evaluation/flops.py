@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ..pipelines.pipeline_emov2_image import class_label_rows
+
 FLOP_CONVENTION = (
     "torch.utils.flop_counter.FlopCounterMode, one forward (timestep included) per image: 2 FLOPs per "
     "multiply-accumulate in conv/linear/matmul and in both attention matmuls (QK^T, AV); norms, activations, "
@@ -41,8 +43,9 @@ def count_gflops(
 ) -> float:
     """GFLOPs per image of `model(sample, timestep)` on a (batch_size, in_channels, H, W) zero sample.
 
-    `model` follows the `UNet2DModel` call contract; a class-conditional model (config `num_class_embeds`) gets
-    class label 0. The count for the whole batch is divided by `batch_size`.
+    `model` follows the `UNet2DModel` call contract; a class-conditional model (a label table, `class_label_rows`:
+    the UNets, D-EMOv2 and diffusers' DiT) gets class label 0. The count for the whole batch is divided by
+    `batch_size`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -50,9 +53,8 @@ def count_gflops(
     parameter = next(model.parameters())
     sample = torch.zeros(batch_size, in_channels, height, width, device=parameter.device, dtype=parameter.dtype)
     timestep = torch.full((batch_size,), 500, device=parameter.device, dtype=torch.long)
-    config = getattr(model, "config", None)
     class_labels = None
-    if config is not None and config.get("num_class_embeds") is not None:
+    if getattr(model, "config", None) is not None and class_label_rows(model) is not None:
         class_labels = torch.zeros(batch_size, device=parameter.device, dtype=torch.long)
     counter = flop_counter()
     with counter:
