@@ -109,6 +109,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     scoring.add_argument("--num_inference_steps", type=int, default=50)
     scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
     parser.add_argument("--jobs", type=int, default=1, help="Training runs at a time.")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Where the cost columns (s/step, peak memory) are measured: where the runs trained.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run.")
     args = parser.parse_args(argv)
     args.specs = [ModelSpec.parse(text) for text in args.models]
@@ -181,33 +183,35 @@ def value_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
 
 
 def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Parameters, GFLOPs per forward, seconds per training step and its peak memory, at the recipe's batch size.
+    """Parameters, GFLOPs per forward, seconds per training step and its peak memory on `args.device`, at the
+    recipe's batch size.
 
     The step times are medians of `repeats` steps timed in turn (model A, B, A, B, ...) in this one process, so a
     slow spell of a shared machine slows every model alike; they, not the training logs, set the equal-time axis.
     """
+    device = torch.device(args.device)
     steps, costs = {}, {}
     for spec in args.specs:
         torch.manual_seed(args.seed)
-        model = build_variant(spec, args, channels)
+        model = build_variant(spec, args, channels).to(device)
         call = NullClassDenoiser(model)  # a class-conditional model (DEMO, DiT) is timed on its null class
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        sample = torch.randn(args.train_batch_size, channels, args.resolution, args.resolution)
-        timesteps = torch.randint(0, 1000, (args.train_batch_size,))
+        sample = torch.randn(args.train_batch_size, channels, args.resolution, args.resolution, device=device)
+        timesteps = torch.randint(0, 1000, (args.train_batch_size,), device=device)
 
         def step(call=call, optimizer=optimizer, sample=sample, timesteps=timesteps) -> None:
             call(sample, timesteps).sample.square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
         step()  # warm-up
         steps[spec.label] = step
-        costs[spec.label] = {
-            "parameters": model.num_parameters(),
-            "gflops": count_gflops(model.eval(), args.resolution, channels),
-            "peak_train_memory_mib": peak_memory_mib(step, torch.device("cpu")),
-        }
+        gflops = count_gflops(model.eval(), args.resolution, channels)
         model.train()
+        costs[spec.label] = {"parameters": model.num_parameters(), "gflops": gflops,
+                             "peak_train_memory_mib": peak_memory_mib(step, device)}
     times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
@@ -313,7 +317,8 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
               f"{args.train_batch_size}, AdamW, {args.lr_warmup_steps}-step warm-up then cosine, EMA, squaredcos_cap_v2, "
               f"seed {args.seed}, {args.jobs} run(s) at a time x {args.threads} thread(s). Held-out loss: "
               f"{args.heldout_num_images} {args.heldout_split}-split images, fixed noise and 8 timesteps, EMA weights; "
-              "lr selected on its final value. Equal time: steps x s/step (training steps timed in turn in one process); "
+              "lr selected on its final value. Equal time: steps x s/step (training steps timed in turn in one process, "
+              f"on {args.device}); "
               "logged train s: the runs' own wall-clock (shared machine).")
     if fid:
         first = next(iter(fid.values()))

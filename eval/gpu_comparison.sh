@@ -6,8 +6,12 @@
 #                                         # DDIM-50 samples each, saved by eval/fid.py --samples_only) and, with
 #                                         # SEG_STEPS > 0, the paper-sized segmentation pair beside it
 #   bash eval/gpu_comparison.sh score     # anywhere with the Inception weights, a CPU too: FID/KID/precision/recall
-#                                         # of the saved samples against MNIST train (eval/fid.py --samples)
+#                                         # of the saved samples (train and fair phases) against MNIST train
 #   bash eval/gpu_comparison.sh compiled  # on the GPU: bf16 + channels_last + torch.compile benchmark of the 5M pair
+#   bash eval/gpu_comparison.sh fair      # on the GPU: the fair generation protocol (eval/fair_compare.py) for the
+#                                         # 5M pair on MNIST 32x32, 3 learning rates each, all 6 runs at once on the
+#                                         # GPU (bf16), FAIR_STEPS (default 1500) x BATCH; then NUM_SAMPLES DDIM-50
+#                                         # samples of each model's selected run (scored by the `score` phase)
 #   bash eval/gpu_comparison.sh seg-paper # on the GPU: the paper's HRF recipe (AdamW 1.2e-4, wd 0.05, clip 0.1,
 #                                         # warm-up, 256px crops) on synthetic fundi, U-EMOv2 vs UNet-S5-D16 at once;
 #                                         # SEG_PAPER_STEPS (default 300) is sized from an earlier H100 lease's step
@@ -26,6 +30,8 @@ BATCH=${BATCH:-128}
 NUM_SAMPLES=${NUM_SAMPLES:-5000}
 SEG_STEPS=${SEG_STEPS:-0}
 DEVICE=${DEVICE:-cuda}
+FAIR_STEPS=${FAIR_STEPS:-1500}
+fair=(--learning_rates 3e-4 1e-3 3e-3 --heldout_num_images 512)
 # Batch 256: where the GPU has arithmetic to do rather than kernel launches to wait on.
 bench=(--device "$DEVICE" --batch_sizes 1 16 256)
 seg=(--crop_size 128 --synthetic_size 256 256 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
@@ -36,7 +42,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   seg=(--crop_size 32 --synthetic_size 64 64 --num_synthetic_train 2 --num_synthetic_validation 1
        --num_synthetic_test 1 --train_batch_size 2 --cost_size 64 --cost_models --latency_repeats 1)
   seg_paper=("${seg[@]}")
-  seg+=(--learning_rates 1e-2)  # one run per model (the sweep is seg_benchmark's own test)
+  seg+=(--learning_rates 1e-2)  # one run per model (the sweeps are seg_benchmark's and fair_compare's own tests)
+  fair=(--learning_rates 1e-3 --heldout_num_images 8)
   fid_batch=4
 fi
 mkdir -p "$OUT"
@@ -58,9 +65,22 @@ case "${1:-}" in
     ;;
   score)
     # eval/fid.py scores on CUDA when available, else on the CPU; SCORE_DEVICE overrides.
-    python eval/fid.py --samples "$OUT"/mnist/fid/samples/*.pt --reference "$DATA" --split train \
-      --batch_size "$fid_batch" ${SCORE_DEVICE:+--device "$SCORE_DEVICE"} \
-      ${INCEPTION:+--inception-weights "$INCEPTION"} --output_dir "$OUT/mnist/fid"
+    for fid_dir in "$OUT"/mnist/fid "$OUT"/fair/fid; do
+      [ -d "$fid_dir/samples" ] || continue
+      python eval/fid.py --samples "$fid_dir"/samples/*.pt --reference "$DATA" --split train \
+        --batch_size "$fid_batch" ${SCORE_DEVICE:+--device "$SCORE_DEVICE"} \
+        ${INCEPTION:+--inception-weights "$INCEPTION"} --output_dir "$fid_dir"
+    done
+    ;;
+  fair)
+    python eval/fair_compare.py --models emov2-5m unet2d-5m "${fair[@]}" --dataset_name "$DATA" \
+      --resolution 32 --train_batch_size "$BATCH" --max_train_steps "$FAIR_STEPS" \
+      --heldout_steps "$(( FAIR_STEPS / 6 > 0 ? FAIR_STEPS / 6 : 1 ))" --num_samples 0 --jobs 6 \
+      --threads 2 --device "$DEVICE" --output_dir "$OUT/fair" \
+      --train_args --mixed_precision "$([ "$DEVICE" = cpu ] && echo no || echo bf16)" --dataloader_num_workers 1
+    mapfile -t selected < <(python -c "import json, sys; [print(m['run_dir']) for m in json.load(open(sys.argv[1]))['models'].values()]" "$OUT/fair/report.json")
+    python eval/fid.py --model_dirs "${selected[@]}" --samples_only --num_samples "$NUM_SAMPLES" --num_inference_steps 50 \
+      --scheduler ddim --seed 0 --batch_size "$fid_batch" --device "$DEVICE" --output_dir "$OUT/fair/fid"
     ;;
   compiled)
     compiled=(--dtype bf16 --channels_last --compile)
@@ -75,7 +95,7 @@ case "${1:-}" in
       "${seg_paper[@]}" --output_dir "$OUT/seg-paper"
     ;;
   *)
-    echo "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper" >&2
+    echo "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper|fair" >&2
     exit 2
     ;;
 esac

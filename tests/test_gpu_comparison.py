@@ -44,6 +44,20 @@ def test_gpu_comparison_seg_paper_phase_runs_the_paper_recipe(tmp_path, mnist_di
     assert (recipe["learning_rates"], recipe["max_grad_norm"], recipe["max_train_steps"]) == ([1.2e-4], 0.1, 2)
 
 
+def test_gpu_comparison_fair_phase_trains_the_5m_pair_then_score_scores_the_selected_runs(tmp_path, mnist_dir):
+    run_phase("fair", tmp_path, mnist_dir, FAIR_STEPS="2")
+    report = json.loads((tmp_path / "fair" / "report.json").read_text())
+    assert report["models"].keys() == {"emov2-5m", "unet2d-5m"} and report["args"]["max_train_steps"] == 2
+    assert report["args"]["device"] == "cpu" and report["args"]["resolution"] == 32
+    drawn = sorted(path.name for path in (tmp_path / "fair" / "fid" / "samples").glob("*.pt"))
+    assert drawn == ["emov2-5m-lr0.001.pt", "unet2d-5m-lr0.001.pt"]
+
+    run_phase("score", tmp_path, mnist_dir)
+    fid = json.loads((tmp_path / "fair" / "fid" / "report.json").read_text())
+    assert [m["name"] for m in fid["models"]] == ["emov2-5m-lr0.001", "unet2d-5m-lr0.001"]
+    assert all(m["num_samples"] == 4 and m["sampler"] == "DDIMScheduler" for m in fid["models"])
+
+
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh")], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper" in result.stderr
+    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper|fair" in result.stderr
