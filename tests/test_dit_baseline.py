@@ -29,6 +29,7 @@ from emov2_gen.pipelines.pipeline_emov2_image import class_label_rows
 from script_runs import load_script, run_script, tensorboard_scalars
 
 train_ddpm = load_script(Path(__file__).resolve().parents[1] / "train" / "train_ddpm.py")
+heldout_script = load_script(Path(__file__).resolve().parents[1] / "eval" / "heldout_loss.py")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,3 +217,7 @@ def test_train_ddpm_trains_a_class_conditional_dit_with_the_held_out_loss(tmp_pa
     assert class_label_rows(pipeline.unet) == 11 and pipeline.config.null_class_label == 10
     heldout = tensorboard_scalars(out / "logs")["heldout_loss"]
     assert len(heldout) == 2 and all(np.isfinite(heldout))
+    # eval/heldout_loss.py scores the saved DiT on the same labelled test digits (no EMA: the trained weights).
+    (row,) = heldout_script.main(heldout_script.parse_args(
+        ["--model_dirs", str(out), "--dataset_name", str(mnist_dir), "--num_images", "8"]))
+    assert row["model_class"] == "DiTTransformer2DModel" and row["heldout_loss"] == pytest.approx(heldout[-1], rel=1e-5)

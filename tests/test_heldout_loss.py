@@ -15,6 +15,7 @@ from emov2_gen.training_utils import TrainingClock
 from script_runs import load_script, run_script, tensorboard_scalars
 
 train_ddpm = load_script(Path(__file__).resolve().parents[1] / "train" / "train_ddpm.py")
+heldout_script = load_script(Path(__file__).resolve().parents[1] / "eval" / "heldout_loss.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -136,6 +137,13 @@ def test_training_logs_heldout_loss_and_train_seconds_on_mnist(tmp_path, mnist_d
     scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
     expected = heldout_loss(saved, HeldOutSet.build(images, 50, 4, seed=0), scheduler).mean
     assert scalars["heldout_loss_ema"][-1] == pytest.approx(expected, rel=1e-5)
+
+    # eval/heldout_loss.py reports the same number for the saved pipeline, its training resolution read off the model.
+    argv = ["--model_dirs", str(out), "--dataset_name", str(mnist_dir), "--num_images", "8", "--num_timesteps", "4",
+            "--output_json", str(tmp_path / "heldout.json")]
+    (row,) = heldout_script.main(heldout_script.parse_args(argv))
+    assert row["heldout_loss"] == pytest.approx(expected, rel=1e-6) and row["resolution"] == 8
+    assert list(row["per_timestep"]) == timestep_grid(50, 4) and (tmp_path / "heldout.json").is_file()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.data.training_images import TrainingImageDataset, derived_seed, image_channels, num_classes
 from emov2_gen.diffusion_loss import diffusion_loss
-from emov2_gen.evaluation.heldout_loss import HeldOutSet, heldout_images, heldout_loss
+from emov2_gen.evaluation.heldout_loss import HeldOutSet, encode_heldout_images, heldout_images, heldout_loss
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser_from_config, downsampling_factor
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines import pipeline_emov2_image
@@ -328,9 +328,7 @@ def build_heldout_set(
             raise ValueError(f"--heldout_split {args.heldout_split!r} is not a split of the training data: {error}") from error
     images, labels = heldout_images(dataset, args.resolution, channels, args.heldout_num_images, with_labels)
     if vae is not None:
-        with torch.no_grad():
-            posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-            images = (posterior.mode() * vae.config.scaling_factor).float().cpu()
+        images = encode_heldout_images(images, vae)
     return HeldOutSet.build(images, args.ddpm_num_steps, args.heldout_num_timesteps, seed=args.seed,
                             class_labels=labels)
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 from datasets import Dataset
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..data.training_images import TrainingImageDataset
@@ -44,6 +44,13 @@ def heldout_images(
     images = torch.stack([item["images"] for item in items])
     labels = torch.tensor([item["class_labels"] for item in items]) if with_labels else None
     return images, labels
+
+
+@torch.no_grad()
+def encode_heldout_images(images: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
+    """Latent training's held-out inputs: the scaled means of the VAE's latents (no sampling, so they stay fixed)."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return (posterior.mode() * vae.config.scaling_factor).float().cpu()
 
 
 @dataclass
