@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from emov2_gen.evaluation.fid import ModelSamples
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +60,15 @@ def test_gpu_comparison_fair_phase_trains_the_5m_pair_then_score_scores_the_sele
     assert all(m["num_samples"] == 4 and m["sampler"] == "DDIMScheduler" for m in fid["models"])
 
 
+def test_gpu_comparison_fair_dit_phase_trains_demo_and_dit_on_labels_and_samples_balanced_labels(tmp_path, mnist_dir):
+    run_phase("fair-dit", tmp_path, mnist_dir, FAIR_STEPS="1")
+    report = json.loads((tmp_path / "fair-dit" / "report.json").read_text())
+    assert report["models"].keys() == {"demo-s-2", "dit-s-2"} and report["args"]["class_conditional"]
+    for name in ("demo-s-2", "dit-s-2"):
+        drawn = ModelSamples.load(tmp_path / "fair-dit" / "fid" / "samples" / f"{name}-lr0.001.pt")
+        assert drawn.info.class_conditional and drawn.info.num_samples == 4 and drawn.info.resolution == [32, 32]
+
+
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh")], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper|fair" in result.stderr
+    assert result.returncode == 2 and "usage: bash eval/gpu_comparison.sh train|score|compiled|seg-paper|fair|fair-dit" in result.stderr
