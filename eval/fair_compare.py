@@ -54,6 +54,7 @@ from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT, FID_SCRIPT = REPO / "train" / "train_ddpm.py", REPO / "eval" / "fid.py"
 SELECTION_TAG = "heldout_loss_ema"  # the EMA weights are what the saved pipeline samples
+DIVERGED = ".diverged"  # marks a run that train_ddpm.py stopped on a non-finite loss
 
 
 @dataclass
@@ -126,6 +127,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def diverged(run_dir: Path) -> bool:
+    return (run_dir / DIVERGED).is_file()
+
+
 def run_name(spec: ModelSpec, lr: float) -> str:
     return f"{spec.label}-lr{lr:g}"
 
@@ -137,10 +142,12 @@ def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
 
 
 def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -> Path:
-    """One run of the sweep (a train_ddpm.py subprocess), continued from its last checkpoint if interrupted."""
+    """One run of the sweep (a train_ddpm.py subprocess), continued from its last checkpoint if interrupted. A run
+    that stops on a non-finite loss is marked diverged (its held-out loss counts as NaN: it never wins the sweep);
+    any other failure stops the comparison."""
     run_dir = Path(args.output_dir) / "runs" / run_name(spec, lr)
     done = run_dir / ".done"
-    if done.is_file():
+    if done.is_file() or diverged(run_dir):
         return run_dir
     model_flags = ["--model", spec.preset]
     if spec.overrides:
@@ -164,6 +171,9 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -
     log_file = run_dir.parent / f"{run_dir.name}.log"
     with open(log_file, "a") as log:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0 and "NonFiniteLossError" in log_file.read_text()[-20000:]:
+        (run_dir / DIVERGED).touch()  # a rate too high for this model: it loses the sweep, the comparison goes on
+        return run_dir
     if result.returncode != 0:
         raise RuntimeError(f"Training {run_dir.name} failed (exit {result.returncode}); see {log_file}.")
     done.touch()
@@ -231,8 +241,8 @@ def select(
     seconds per step), reached by each model at its own step count."""
     results = {}
     for spec in args.specs:
-        scalars = {lr: read_scalars(path / "logs") for lr, path in runs[spec.label].items()}
-        final = {lr: s[SELECTION_TAG][-1][1] for lr, s in scalars.items()}
+        scalars = {lr: read_scalars(path / "logs") for lr, path in runs[spec.label].items() if not diverged(path)}
+        final = {lr: scalars[lr][SELECTION_TAG][-1][1] if lr in scalars else math.nan for lr in runs[spec.label]}
         best = best_learning_rate(final, higher_is_better=False)
         steps, seconds, values = curve(scalars[best], SELECTION_TAG)
         throughput = [value for _, value in scalars[best]["images_per_second"]]
@@ -305,7 +315,8 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
     for spec in args.specs:
         model, cost = selection["models"][spec.label], costs[spec.label]
         row = [spec.label, f"{cost['parameters'] / 1e6:.3f}", f"{cost['gflops']:.3f}"]
-        row += [f"{model['heldout_by_lr'][r]:.5f}" for r in rates]
+        row += [f"{model['heldout_by_lr'][r]:.5f}" if math.isfinite(model["heldout_by_lr"][r]) else "diverged"
+                for r in rates]
         row += [f"{model['learning_rate']:g}" + (" (edge)" if model["on_sweep_edge"] else ""),
                 f"{model['heldout_loss']:.5f}", f"{model['heldout_at_equal_time']:.5f}",
                 f"{cost['seconds_per_step']:.3f}", f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]

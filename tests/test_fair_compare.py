@@ -54,12 +54,16 @@ def test_each_model_gets_its_own_best_rate_and_is_read_at_equal_time(tmp_path):
                       3e-3: write_run(tmp_path / "b3", [0.6, 0.5, 0.4, 0.35]),
                       1e-2: write_run(tmp_path / "b10", [0.6, 0.5, 0.45, 0.40])},
     }
+    diverged = tmp_path / "b10-diverged"  # stopped on a NaN loss: no final held-out value, never chosen
+    diverged.mkdir()
+    (diverged / fair_compare.DIVERGED).touch()
+    runs["unet2d-1m"][1e-2] = diverged
     costs = {"emov2-1m": {"seconds_per_step": 2.0}, "unet2d-1m": {"seconds_per_step": 1.0}}
     selection = fair_compare.select(args, runs, costs)
     emo, unet = selection["models"]["emov2-1m"], selection["models"]["unet2d-1m"]
     assert emo["learning_rate"] == 3e-3 and not emo["on_sweep_edge"]
     assert unet["learning_rate"] == 1e-3 and unet["on_sweep_edge"]
-    assert emo["heldout_loss"] == pytest.approx(0.2) and unet["heldout_by_lr"]["0.01"] == pytest.approx(0.4)
+    assert emo["heldout_loss"] == pytest.approx(0.2) and math.isnan(unet["heldout_by_lr"]["0.01"])
     # Equal time = the faster finisher's 40 steps x 1 s: 20 steps of the 2 s/step model, 40 of the other.
     assert selection["equal_train_seconds"] == 40.0
     assert emo["steps_at_equal_time"] == 20 and emo["heldout_at_equal_time"] == pytest.approx(0.4)
@@ -116,5 +120,17 @@ def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_
     (tmp_path / "runs" / "tiny-demo-lr0.001").mkdir(parents=True)  # what the training subprocess would make
     fair_compare.train(args.specs[0], 1e-3, args, channels=1)
     assert "--class_conditional" in commands[0] and "--model_config_name_or_path" in commands[0]
+
+    # A run stopped on a non-finite loss is marked diverged and not retried; any other failure stops everything.
+    def failing(command, stdout, **_):
+        stdout.write("NonFiniteLossError: The loss became [nan]\n" if "0.01" in command else "ImportError: boom\n")
+        return type("Failed", (), {"returncode": 1})()
+
+    monkeypatch.setattr(fair_compare.subprocess, "run", failing)
+    for lr in ("0.01", "0.003"):
+        (tmp_path / "runs" / f"tiny-dit-lr{lr}").mkdir(parents=True)
+    assert fair_compare.diverged(fair_compare.train(args.specs[1], 1e-2, args, channels=1))
+    with pytest.raises(RuntimeError, match="tiny-dit-lr0.003 failed"):
+        fair_compare.train(args.specs[1], 3e-3, args, channels=1)
     config = json.loads((tmp_path / "configs" / "tiny-demo" / "config.json").read_text())
     assert config["num_class_embeds"] == 11 and config["num_layers"] == 1
