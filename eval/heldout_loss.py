@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.evaluation.heldout_loss import HeldOutSet, encode_heldout_images, heldout_images, heldout_loss
 from emov2_gen.evaluation.sampling import load_pipeline, sample_resolution
+from emov2_gen.models.registry import downsampling_factor
 from emov2_gen.pipelines.pipeline_emov2_image import class_label_rows
 
 
@@ -54,7 +55,7 @@ def score(model_dir: str, args: argparse.Namespace, dataset: Any) -> dict[str, A
     height, width = sample_resolution(denoiser)
     if height != width:
         raise ValueError(f"{model_dir} samples {height}x{width}; the held-out images are square crops.")
-    resolution = height * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    resolution = height * (downsampling_factor(vae) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else denoiser.config.in_channels
     images, labels = heldout_images(dataset, resolution, channels, args.num_images, class_label_rows(denoiser) is not None)
     if vae is not None:

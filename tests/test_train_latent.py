@@ -34,6 +34,7 @@ from script_runs import (
 
 REPO = Path(__file__).resolve().parents[1]
 train_ddpm = load_script(REPO / "train" / "train_ddpm.py")
+heldout_script = load_script(REPO / "eval" / "heldout_loss.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RESOLUTION, LATENT_CHANNELS, LATENT_SIZE = 8, 4, 4  # the VAE downsamples 2x
@@ -263,3 +264,16 @@ def test_bad_latent_input_fails_before_training(tmp_path, vae_dir, unet2d_config
 def test_vae_subfolder_needs_a_vae():
     with pytest.raises(ValueError, match="--vae_subfolder needs --vae_name_or_path"):
         train_ddpm.parse_args(["--vae_subfolder", "vae"])
+
+
+def test_latent_held_out_loss_is_logged_and_reproduced_by_the_script(tmp_path, vae_dir, unet2d_config, mnist_dir):
+    """With a VAE the held-out images are the VAE's latent means; eval/heldout_loss.py finds the pixel resolution
+    from the latent size and the VAE's downsampling and reproduces the logged value."""
+    out = tmp_path / "latent"
+    run_training(quick_args(out, unet2d_config, vae_dir, "--dataset_name", str(mnist_dir), "--heldout_split", "test",
+                            "--heldout_num_images", "8", "--heldout_steps", "2"))  # fmt: skip
+    logged = tensorboard_scalars(out / "logs")["heldout_loss"]
+    assert len(logged) == 1 and np.isfinite(logged[-1])
+    (row,) = heldout_script.main(heldout_script.parse_args(
+        ["--model_dirs", str(out), "--dataset_name", str(mnist_dir), "--num_images", "8"]))
+    assert row["resolution"] == RESOLUTION and row["heldout_loss"] == pytest.approx(logged[-1], rel=1e-5)

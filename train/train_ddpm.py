@@ -257,8 +257,7 @@ def latent_shape(vae: AutoencoderKL, channels: int, resolution: int) -> tuple[in
             f"The VAE encodes {vae.config.in_channels}-channel images, but --in_channels is {channels}; drop it (the "
             "VAE's in_channels is the default) or pass the VAE's."
         )
-    levels = len(vae.config.block_out_channels)
-    factor = 2 ** (levels - 1)
+    levels, factor = len(vae.config.block_out_channels), downsampling_factor(vae)
     if resolution % factor:
         raise ValueError(
             f"--resolution {resolution} is not divisible by {factor}, the downsampling factor of the VAE ({levels} "

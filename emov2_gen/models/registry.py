@@ -135,8 +135,9 @@ def _build_dit(config: dict[str, Any], num_class_embeds: Optional[int]) -> DiTTr
 
 
 def downsampling_factor(model: ModelMixin) -> int:
-    """What H and W must be multiples of: the patch size of a transformer (DEMO or DiT), else the UNet's total
-    downsampling (one 2x step between consecutive levels). Attention windows are checked by the models' forward."""
+    """What H and W must be multiples of: the patch size of a transformer (DEMO or DiT), else the UNet's (or a VAE
+    encoder's) total downsampling (one 2x step between consecutive levels). Attention windows are checked by the
+    models' forward."""
     if isinstance(model, (EMOv2Transformer2DModel, DiTTransformer2DModel)):
         return model.config.patch_size
     return 2 ** (len(model.config.block_out_channels) - 1)
