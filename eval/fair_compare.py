@@ -12,9 +12,12 @@
    The sweep's runs are full-length, so the selected run is the final run (no short-horizon bias).
 3. Score: `eval/fid.py` samples the selected runs with the same per-sample seeds and scores FID/KID/precision/
    recall at one N against the training split (`--num_samples 0` skips it).
-4. Report (`report.md`, `report.json`, `heldout_vs_cost.png`): held-out loss at every rate, at equal steps and at
-   equal training wall-clock (each curve interpolated at the shortest run's final time), FID/KID, parameters,
-   GFLOPs, training throughput, peak training memory and the sample grids.
+4. Equal time (`--equal_time_runs`): every model slower per step than the fastest trains once more at its selected
+   rate for the steps it takes in the fastest model's training time, with its own warm-up and cosine schedule (a
+   run planned for that budget, not a cut-short one), and is scored like the others, FID included.
+5. Report (`report.md`, `report.json`, `heldout_vs_cost.png`): held-out loss at every rate, at equal steps and at
+   equal training wall-clock (each curve interpolated at the shortest run's final time, and the equal-time runs),
+   FID/KID, parameters, GFLOPs, training throughput, peak training memory and the sample grids.
 
 A model is a preset name, or `LABEL=PRESET:key=value,...` for a variant (the ablations), e.g.
 `emov2-1m-gn=emov2-1m:norm_type='gn'` (values are Python literals). Class-conditional denoisers (the D-EMOv2 vs
@@ -106,6 +109,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     data.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                       help="Further train_ddpm.py flags for every run (must come last).")
     scoring = parser.add_argument_group("FID (eval/fid.py)")
+    parser.add_argument("--equal_time_runs", action="store_true",
+                        help="Also train each slower model at its selected rate for the fastest model's training time "
+                             "(its own schedule) and score those runs: held-out loss and FID at equal wall-clock.")
     scoring.add_argument("--num_samples", type=int, default=1000, help="Samples per model and reference images; 0 skips FID.")
     scoring.add_argument("--num_inference_steps", type=int, default=50)
     scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
@@ -131,8 +137,8 @@ def diverged(run_dir: Path) -> bool:
     return (run_dir / DIVERGED).is_file()
 
 
-def run_name(spec: ModelSpec, lr: float) -> str:
-    return f"{spec.label}-lr{lr:g}"
+def run_name(spec: ModelSpec, lr: float, steps: Optional[int] = None) -> str:
+    return f"{spec.label}-lr{lr:g}" + (f"-{steps}steps" if steps is not None else "")
 
 
 def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
@@ -141,11 +147,12 @@ def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
                           num_class_embeds=args.num_class_embeds, **spec.overrides)
 
 
-def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -> Path:
-    """One run of the sweep (a train_ddpm.py subprocess), continued from its last checkpoint if interrupted. A run
-    that stops on a non-finite loss is marked diverged (its held-out loss counts as NaN: it never wins the sweep);
-    any other failure stops the comparison."""
-    run_dir = Path(args.output_dir) / "runs" / run_name(spec, lr)
+def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, steps: Optional[int] = None) -> Path:
+    """One run of the sweep (a train_ddpm.py subprocess; `steps` other than --max_train_steps: an equal-time run),
+    continued from its last checkpoint if interrupted. A run that stops on a non-finite loss is marked diverged (its
+    held-out loss counts as NaN: it never wins the sweep); any other failure stops the comparison."""
+    run_dir = Path(args.output_dir) / "runs" / run_name(spec, lr, steps)
+    steps = args.max_train_steps if steps is None else steps
     done = run_dir / ".done"
     if done.is_file() or diverged(run_dir):
         return run_dir
@@ -157,12 +164,12 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int) -
     command = [
         sys.executable, str(TRAIN_SCRIPT), *model_flags, "--dataset_name", args.dataset_name,
         "--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size),
-        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(lr),
+        "--max_train_steps", str(steps), "--learning_rate", str(lr),
         "--lr_warmup_steps", str(args.lr_warmup_steps), "--seed", str(args.seed), "--use_ema",
         "--ddpm_beta_schedule", "squaredcos_cap_v2", "--eval_scheduler", "ddim", "--ddpm_num_inference_steps", "50",
         "--heldout_split", args.heldout_split, "--heldout_steps", str(args.heldout_steps),
         "--heldout_num_images", str(args.heldout_num_images),
-        "--checkpointing_steps", str(max(args.heldout_steps, args.max_train_steps // 4)), "--checkpoints_total_limit", "1",
+        "--checkpointing_steps", str(max(args.heldout_steps, steps // 4)), "--checkpoints_total_limit", "1",
         "--resume_from_checkpoint", "latest", "--save_images_epochs", "1000000", "--save_model_epochs", "1000000",
         "--output_dir", str(run_dir), *(["--class_conditional"] if args.class_conditional else []), *args.train_args,
     ]
@@ -192,7 +199,7 @@ def value_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
     return float(np.interp(at, x, y)) if x[0] <= at <= x[-1] else math.nan
 
 
-def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 5) -> dict[str, dict[str, float]]:
+def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 20) -> dict[str, dict[str, float]]:
     """Parameters, GFLOPs per forward, seconds per training step and its peak memory on `args.device`, at the
     recipe's batch size.
 
@@ -265,11 +272,34 @@ def select(
     return {"equal_train_seconds": equal_time, "models": results}
 
 
-def fid_scores(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """FID/KID/precision/recall of the selected runs, all sampled and scored together by eval/fid.py."""
+def add_equal_time_runs(args: argparse.Namespace, selection: dict[str, Any], channels: int) -> None:
+    """Train every model slower per step than the fastest at its selected rate for the steps it takes in the
+    equal training time (its own warm-up and cosine over those steps), and record each model's equal-time run: that
+    run, or for the fastest model its selected run. Adds `equal_time_run` (run_dir, steps, heldout_loss) per model."""
+    specs = {spec.label: spec for spec in args.specs}
+    jobs = {}
+    for label, model in selection["models"].items():
+        steps = max(1, round(model["steps_at_equal_time"]))
+        model["equal_time_run"] = {"run_dir": model["run_dir"], "steps": args.max_train_steps,
+                                   "heldout_loss": model["heldout_loss"]}
+        if steps < args.max_train_steps:
+            jobs[label] = steps
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        paths = list(pool.map(
+            lambda label: train(specs[label], selection["models"][label]["learning_rate"], args, channels, jobs[label]),
+            jobs))
+    for label, path in zip(jobs, paths):
+        heldout = read_scalars(path / "logs")[SELECTION_TAG][-1][1] if not diverged(path) else math.nan
+        selection["models"][label]["equal_time_run"] = {"run_dir": str(path), "steps": jobs[label],
+                                                        "heldout_loss": heldout}
+
+
+def fid_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dict[str, Any]]:
+    """FID/KID/precision/recall of the given runs, all sampled and scored together by eval/fid.py (reused while
+    the same runs are asked for), by resolved run directory."""
     fid_dir = Path(args.output_dir) / "fid"
     report = fid_dir / "report.json"
-    dirs = [model["run_dir"] for model in selection["models"].values()]
+    dirs = sorted(set(run_dirs))
     if not report.is_file() or sorted(row["path"] for row in json.loads(report.read_text())["models"]) != sorted(
         str(Path(d).resolve()) for d in dirs
     ):
@@ -280,13 +310,17 @@ def fid_scores(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str,
                    *args.fid_args.split()]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads * args.jobs)}
         subprocess.run(command, cwd=REPO, env=env, check=True)
-    by_path = {row["path"]: row for row in json.loads(report.read_text())["models"]}
-    return {label: by_path[str(Path(model["run_dir"]).resolve())] for label, model in selection["models"].items()}
+    return {row["path"]: row for row in json.loads(report.read_text())["models"]}
+
+
+def fid_of(fid_by_path: dict[str, dict[str, Any]], run_dir: str) -> dict[str, Any]:
+    return fid_by_path[str(Path(run_dir).resolve())]
 
 
 def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Path) -> None:
     """Held-out loss (EMA weights) against optimiser steps and against training time (steps x benchmarked seconds
-    per step), one line per model; the dashed line is the equal-time budget of the report."""
+    per step), one line per model; the dashed line is the equal-time budget of the report, a star a model's
+    equal-time run (`--equal_time_runs`)."""
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_steps, by_time = figure.subplots(1, 2)
     for label, model in selection["models"].items():
@@ -294,7 +328,10 @@ def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Pa
         name = f"{label} (lr {model['learning_rate']:g})"
         by_steps.plot(c["steps"], c["heldout_loss_ema"], marker=".", label=name)
         seconds = np.array(c["steps"]) * costs[label]["seconds_per_step"]
-        by_time.plot(seconds, c["heldout_loss_ema"], marker=".", label=name)
+        lines = by_time.plot(seconds, c["heldout_loss_ema"], marker=".", label=name)
+        if "equal_time_run" in model:
+            by_time.plot(selection["equal_train_seconds"], model["equal_time_run"]["heldout_loss"], marker="*",
+                         markersize=12, color=lines[0].get_color(), linestyle="none")
     by_time.axvline(selection["equal_train_seconds"], color="grey", linestyle="--", linewidth=0.8)
     by_steps.set(xlabel="optimiser step", ylabel="held-out loss (EMA weights)", yscale="log")
     by_time.set(xlabel="training time (s): steps x benchmarked s/step", ylabel="held-out loss (EMA weights)", yscale="log")
@@ -307,10 +344,12 @@ def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Pa
 def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[str, dict[str, float]],
              fid: dict[str, dict[str, Any]]) -> str:
     rates = [f"{lr:g}" for lr in args.learning_rates]
+    equal_time = f"{selection['equal_train_seconds']:.0f} s"
     header = (["model", "params (M)", f"GFLOPs @{args.resolution}²"] + [f"held-out @lr {r}" for r in rates]
               + ["lr", f"held-out @{args.max_train_steps} steps",
-                 f"held-out @{selection['equal_train_seconds']:.0f} s", "s/step", "logged train s", "peak train MiB"]
-              + (["FID", "KID"] if fid else []))
+                 f"held-out @{equal_time}", "s/step", "logged train s", "peak train MiB"]
+              + (["FID", "KID"] if fid else [])
+              + (["equal-time run: steps", "held-out"] + (["FID"] if fid else []) if args.equal_time_runs else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for spec in args.specs:
         model, cost = selection["models"][spec.label], costs[spec.label]
@@ -322,6 +361,9 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
                 f"{cost['seconds_per_step']:.3f}", f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]
         if fid:
             row += [f"{fid[spec.label]['fid']:.2f}", f"{fid[spec.label]['kid_mean']:.4f}"]
+        if args.equal_time_runs:
+            run = model["equal_time_run"]
+            row += [str(run["steps"]), f"{run['heldout_loss']:.5f}"] + ([f"{run['fid']['fid']:.2f}"] if fid else [])
         lines.append("| " + " | ".join(row) + " |")
     overrides = [f"{spec.label}: {spec.preset} {spec.overrides}" for spec in args.specs if spec.overrides]
     recipe = (f"{args.dataset_name} at {args.resolution}x{args.resolution}, {args.max_train_steps} steps x batch "
@@ -330,7 +372,9 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
               f"{args.heldout_num_images} {args.heldout_split}-split images, fixed noise and 8 timesteps, EMA weights; "
               "lr selected on its final value. Equal time: steps x s/step (training steps timed in turn in one process, "
               f"on {args.device}); "
-              "logged train s: the runs' own wall-clock (shared machine).")
+              "logged train s: the runs' own wall-clock (shared machine)."
+              + (" Equal-time run: the selected rate retrained for the steps that fit the fastest model's training "
+                 "time, with its own warm-up and cosine schedule." if args.equal_time_runs else ""))
     if fid:
         first = next(iter(fid.values()))
         recipe += (f" FID/KID: {first['num_samples']} DDIM-{first['num_inference_steps']} samples per model vs "
@@ -354,7 +398,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     costs = measure_costs(args, channels)
     selection = select(args, runs, costs)
-    fid = fid_scores(args, selection) if args.num_samples else {}
+    if args.equal_time_runs:
+        add_equal_time_runs(args, selection, channels)
+    run_dirs = [run["run_dir"] for model in selection["models"].values()
+                for run in (model, *([model["equal_time_run"]] if args.equal_time_runs else []))]
+    fid_by_path = fid_scores(args, run_dirs) if args.num_samples else {}
+    fid = {label: fid_of(fid_by_path, model["run_dir"]) for label, model in selection["models"].items() if fid_by_path}
+    for model in selection["models"].values() if fid_by_path and args.equal_time_runs else ():
+        model["equal_time_run"]["fid"] = fid_of(fid_by_path, model["equal_time_run"]["run_dir"])
     plot(selection, costs, output_dir / "heldout_vs_cost.png")
     table = markdown(args, selection, costs, fid)
     (output_dir / "report.md").write_text(table)

@@ -134,3 +134,51 @@ def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_
         fair_compare.train(args.specs[1], 3e-3, args, channels=1)
     config = json.loads((tmp_path / "configs" / "tiny-demo" / "config.json").read_text())
     assert config["num_class_embeds"] == 11 and config["num_layers"] == 1
+
+
+def test_equal_time_runs_retrain_slower_models_for_the_fastest_models_time(tmp_path, monkeypatch):
+    args = fair_compare.parse_args(["--models", "emov2-1m", "unet2d-1m", "--learning_rates", "1e-3", "3e-3", "1e-2",
+                                    "--max_train_steps", "40", "--equal_time_runs", "--output_dir", str(tmp_path)])
+    runs = {"emov2-1m": {lr: write_run(tmp_path / f"a{lr:g}", [0.8, 0.4, 0.3, 0.2 + lr]) for lr in args.learning_rates},
+            "unet2d-1m": {lr: write_run(tmp_path / f"b{lr:g}", [0.6, 0.4, 0.3, 0.25 + lr]) for lr in args.learning_rates}}
+    costs = {"emov2-1m": {"seconds_per_step": 2.0}, "unet2d-1m": {"seconds_per_step": 1.0}}
+    selection = fair_compare.select(args, runs, costs)
+    trained = []
+
+    def fake_train(spec, lr, args, channels, steps=None):
+        trained.append((spec.label, lr, steps))
+        return write_run(tmp_path / "runs" / fair_compare.run_name(spec, lr, steps), [0.5, 0.33], every=steps // 2)
+
+    monkeypatch.setattr(fair_compare, "train", fake_train)
+    fair_compare.add_equal_time_runs(args, selection, channels=1)
+    # Only the 2 s/step model retrains, at its selected rate, for the 20 steps of the other's 40 x 1 s.
+    assert trained == [("emov2-1m", 1e-3, 20)]
+    emo, unet = (selection["models"][label]["equal_time_run"] for label in ("emov2-1m", "unet2d-1m"))
+    assert emo["steps"] == 20 and emo["heldout_loss"] == pytest.approx(0.33)
+    assert emo["run_dir"].endswith("emov2-1m-lr0.001-20steps")
+    assert unet == {"run_dir": str(runs["unet2d-1m"][1e-3]), "steps": 40, "heldout_loss": pytest.approx(0.251)}
+    table = fair_compare.markdown(args, selection, {label: {**cost, "parameters": 1e6, "gflops": 0.1,
+                                                             "peak_train_memory_mib": 1.0} for label, cost in costs.items()}, {})
+    assert table.splitlines()[0].endswith("| equal-time run: steps | held-out |")
+    assert "| 20 | 0.33000 |" in table and "| 40 | 0.25100 |" in table
+
+
+def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeypatch):
+    args = fair_compare.parse_args(["--models", "emov2-1m", "--output_dir", str(tmp_path)])
+    calls = []
+
+    def fake_fid(command, **_):
+        dirs = command[command.index("--model_dirs") + 1:command.index("--reference")]
+        calls.append(dirs)
+        rows = [{"path": str(Path(d).resolve()), "fid": float(len(d))} for d in dirs]
+        (tmp_path / "fid").mkdir(exist_ok=True)
+        (tmp_path / "fid" / "report.json").write_text(json.dumps({"models": rows}))
+
+    monkeypatch.setattr(fair_compare.subprocess, "run", fake_fid)
+    scores = fair_compare.fid_scores(args, [str(tmp_path / "a"), str(tmp_path / "bb"), str(tmp_path / "a")])
+    assert calls == [[str(tmp_path / "a"), str(tmp_path / "bb")]]  # the shared run is sampled once
+    assert fair_compare.fid_of(scores, str(tmp_path / "bb"))["fid"] == len(str(tmp_path / "bb"))
+    fair_compare.fid_scores(args, [str(tmp_path / "bb"), str(tmp_path / "a")])  # the same runs: the report is reused
+    assert len(calls) == 1
+    fair_compare.fid_scores(args, [str(tmp_path / "a")])  # other runs: sampled again
+    assert calls[-1] == [str(tmp_path / "a")]
