@@ -13,7 +13,7 @@ from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
 
-from emov2_gen import EMOv2UNet2DModel
+from emov2_gen import EMOv2UNet2DModel, build_denoiser
 from emov2_gen.layers import I2RMB, SEWMHSA, AdaLNModulation, InterpConv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,6 +153,22 @@ def test_bad_samples_raise_with_what_is_expected(model, shape, message):
 def test_presets_have_their_nominal_size(preset, target):
     params = EMOv2UNet2DModel.from_preset(preset, in_channels=3, out_channels=3).num_parameters()
     assert abs(params - target) <= 0.1 * target, f"{preset}: {params:,} parameters"
+
+
+@pytest.mark.parametrize("pair", [("emov2-1m", "unet2d-1m"), ("emov2-5m", "unet2d-5m")])
+def test_presets_are_parameter_matched_to_their_baselines(pair):
+    emov2, baseline = (build_denoiser(name, sample_size=16, in_channels=1).num_parameters() for name in pair)
+    assert abs(emov2 - baseline) <= 0.08 * baseline, f"{pair}: {emov2:,} vs {baseline:,}"
+
+
+def test_emov2_1m_puts_its_width_at_full_resolution():
+    """The fair-protocol ablations' adopted layout: 16 channels moved from the lowest level to the full-resolution
+    one at equal parameters; the earlier layout stays one override away."""
+    model = EMOv2UNet2DModel.from_preset("emov2-1m")
+    assert model.config.block_out_channels == (32, 32, 48, 48)
+    earlier = EMOv2UNet2DModel.from_preset("emov2-1m", block_out_channels=(24, 32, 48, 64))
+    assert abs(model.num_parameters() - earlier.num_parameters()) <= 0.01 * earlier.num_parameters()
+    assert model.conv_in.out_channels == 32  # the full-resolution maps are 32 wide
 
 
 def test_upsample_type_selects_interp_conv_or_diffusers_upsample2d(make_tiny_unet, sample):
