@@ -14,9 +14,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import datasets
 import diffusers
@@ -29,6 +31,19 @@ from diffusers.utils import is_tensorboard_available, is_wandb_available
 logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# A training script's exit status when it stopped on a NaN/infinite loss: how a sweep (eval/fair_compare.py,
+# eval/seg_benchmark.py) tells a learning rate too high for a model from a broken run.
+NON_FINITE_LOSS_EXIT_CODE = 3
+
+
+def exit_on_non_finite_loss(main: Callable[[], Any]) -> None:
+    """Run a training script's `main`; a `FloatingPointError` (the scripts' non-finite-loss stop) prints its
+    traceback and ends the process with `NON_FINITE_LOSS_EXIT_CODE`. Any other error propagates as usual."""
+    try:
+        main()
+    except FloatingPointError:
+        traceback.print_exc()
+        sys.exit(NON_FINITE_LOSS_EXIT_CODE)
 
 
 def add_checkpoint_arguments(group: argparse._ArgumentGroup) -> None:

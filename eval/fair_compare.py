@@ -53,6 +53,7 @@ from emov2_gen.evaluation.flops import count_gflops
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
 from emov2_gen.evaluation.training_logs import read_scalars
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
+from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT, FID_SCRIPT = REPO / "train" / "train_ddpm.py", REPO / "eval" / "fid.py"
@@ -178,7 +179,7 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, s
     log_file = run_dir.parent / f"{run_dir.name}.log"
     with open(log_file, "a") as log:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0 and "NonFiniteLossError" in log_file.read_text()[-20000:]:
+    if result.returncode == NON_FINITE_LOSS_EXIT_CODE:
         (run_dir / DIVERGED).touch()  # a rate too high for this model: it loses the sweep, the comparison goes on
         return run_dir
     if result.returncode != 0:

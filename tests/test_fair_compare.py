@@ -12,6 +12,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from script_runs import load_script
 
+from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
+
 fair_compare = load_script(Path(__file__).resolve().parents[1] / "eval" / "fair_compare.py")
 
 TINY_EMOV2 = "tiny-emo=emov2-1m:block_out_channels=(8, 8, 16, 16),attention_head_dim=8,layers_per_block=1"
@@ -123,8 +125,9 @@ def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_
 
     # A run stopped on a non-finite loss is marked diverged and not retried; any other failure stops everything.
     def failing(command, stdout, **_):
-        stdout.write("NonFiniteLossError: The loss became [nan]\n" if "0.01" in command else "ImportError: boom\n")
-        return type("Failed", (), {"returncode": 1})()
+        diverging = "0.01" in command
+        stdout.write("NonFiniteLossError: The loss became [nan]\n" if diverging else "ImportError: NonFiniteLossError\n")
+        return type("Failed", (), {"returncode": NON_FINITE_LOSS_EXIT_CODE if diverging else 1})()
 
     monkeypatch.setattr(fair_compare.subprocess, "run", failing)
     for lr in ("0.01", "0.003"):

@@ -11,6 +11,7 @@ import pytest
 from script_runs import load_script
 
 from emov2_gen import EMOv2UNetForSegmentation
+from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
 
 seg_benchmark = load_script(Path(__file__).resolve().parents[1] / "eval" / "seg_benchmark.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,17 +93,20 @@ def test_each_model_gets_the_rate_with_the_best_validation_dice_never_the_best_t
 def test_a_diverged_run_is_recorded_and_any_other_failure_raises(tmp_path, monkeypatch):
     args = seg_benchmark.parse_args(["--output_dir", str(tmp_path), "--learning_rates", "1e-2"])
 
-    def failing_run(message: str):
+    def failing_run(message: str, code: int):
         def run(command, cwd, env, stdout, stderr):
             stdout.write(message)
-            return subprocess.CompletedProcess(command, 1)
+            return subprocess.CompletedProcess(command, code)
         return run
 
-    monkeypatch.setattr(seg_benchmark.subprocess, "run", failing_run("FloatingPointError: The loss became [nan]"))
+    diverged = failing_run("FloatingPointError: The loss became [nan]", NON_FINITE_LOSS_EXIT_CODE)
+    monkeypatch.setattr(seg_benchmark.subprocess, "run", diverged)
     assert seg_benchmark.train(args, "unet-emov2-1m", 1e-2) == {"diverged": True}
-    monkeypatch.setattr(seg_benchmark.subprocess, "run", failing_run("MemoryError"))
-    with pytest.raises(RuntimeError, match=r"unet-emov2-1m at lr 0.01 failed .*lr-0.01.log"):
-        seg_benchmark.train(args, "unet-emov2-1m", 1e-2)
+    # The exit status decides, not the log: an error that merely mentions a FloatingPointError is a failure.
+    for message in ("MemoryError", "ValueError: FloatingPointError in the data"):
+        monkeypatch.setattr(seg_benchmark.subprocess, "run", failing_run(message, 1))
+        with pytest.raises(RuntimeError, match=r"unet-emov2-1m at lr 0.01 failed .*lr-0.01.log"):
+            seg_benchmark.train(args, "unet-emov2-1m", 1e-2)
 
 
 @pytest.mark.parametrize(

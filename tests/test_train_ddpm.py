@@ -296,6 +296,19 @@ def test_push_to_hub_uploads_the_saved_pipeline(tmp_path, tiny_config, monkeypat
 # ------------------------------------------------------------------------------------------ failures
 
 
+def test_a_diverging_run_exits_with_the_non_finite_loss_status(tmp_path, tiny_config):
+    """The status sweeps read (fair_compare, seg_benchmark): a rate too high for the model, not a broken run."""
+    command = [sys.executable, str(TRAIN_SCRIPT),
+               *quick_args(tmp_path / "diverged", tiny_config, "--learning_rate", "1e30", steps=6)]
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == training_utils.NON_FINITE_LOSS_EXIT_CODE, result.stderr[-3000:]
+    assert "NonFiniteLossError: The loss became" in result.stderr
+    broken = subprocess.run([*command, "--resolution", "7"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)  # a size the model cannot downsample: a ValueError
+    assert broken.returncode not in (0, training_utils.NON_FINITE_LOSS_EXIT_CODE), broken.stderr[-3000:]
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, tiny_config, monkeypatch):
     out = tmp_path / "nan"
     real_loss = train_ddpm.diffusion_loss

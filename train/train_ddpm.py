@@ -67,6 +67,7 @@ from emov2_gen.training_utils import (
     check_positive,
     configure_logging,
     ema_weights,
+    exit_on_non_finite_loss,
     list_checkpoints,
     load_resume_state,
     prepare_output_dir,
@@ -662,4 +663,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_non_finite_loss(lambda: main(parse_args()))
