@@ -109,10 +109,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                            "uses the test labels) and sample FID with balanced labels: the D-EMOv2 vs DiT comparison.")
     data.add_argument("--train_args", type=str, nargs=argparse.REMAINDER, default=[],
                       help="Further train_ddpm.py flags for every run (must come last).")
-    scoring = parser.add_argument_group("FID (eval/fid.py)")
     parser.add_argument("--equal_time_runs", action="store_true",
                         help="Also train each slower model at its selected rate for the fastest model's training time "
                              "(its own schedule) and score those runs: held-out loss and FID at equal wall-clock.")
+    scoring = parser.add_argument_group("FID (eval/fid.py)")
     scoring.add_argument("--num_samples", type=int, default=1000, help="Samples per model and reference images; 0 skips FID.")
     scoring.add_argument("--num_inference_steps", type=int, default=50)
     scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
@@ -401,12 +401,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     selection = select(args, runs, costs)
     if args.equal_time_runs:
         add_equal_time_runs(args, selection, channels)
-    run_dirs = [run["run_dir"] for model in selection["models"].values()
-                for run in (model, *([model["equal_time_run"]] if args.equal_time_runs else []))]
-    fid_by_path = fid_scores(args, run_dirs) if args.num_samples else {}
-    fid = {label: fid_of(fid_by_path, model["run_dir"]) for label, model in selection["models"].items() if fid_by_path}
-    for model in selection["models"].values() if fid_by_path and args.equal_time_runs else ():
-        model["equal_time_run"]["fid"] = fid_of(fid_by_path, model["equal_time_run"]["run_dir"])
+    fid = {}
+    if args.num_samples:
+        models = selection["models"].values()
+        equal_time_runs = [model["equal_time_run"] for model in models] if args.equal_time_runs else []
+        fid_by_path = fid_scores(args, [model["run_dir"] for model in models] + [run["run_dir"] for run in equal_time_runs])
+        fid = {label: fid_of(fid_by_path, model["run_dir"]) for label, model in selection["models"].items()}
+        for run in equal_time_runs:
+            run["fid"] = fid_of(fid_by_path, run["run_dir"])
     plot(selection, costs, output_dir / "heldout_vs_cost.png")
     table = markdown(args, selection, costs, fid)
     (output_dir / "report.md").write_text(table)

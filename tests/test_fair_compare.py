@@ -78,7 +78,7 @@ def test_value_at_interpolates_inside_the_curve_only():
     assert fair_compare.value_at(x, y, 15.0) == 2.0 and math.isnan(fair_compare.value_at(x, y, 5.0))
 
 
-def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, capsys):
+def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "fair"
     argv = ["--models", TINY_EMOV2, TINY_UNET, "--learning_rates", "1e-3", "1e-2", "--resolution", "8",
             "--max_train_steps", "3", "--heldout_steps", "2", "--heldout_num_images", "8", "--lr_warmup_steps", "1",
@@ -104,6 +104,18 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
     assert (out / "runs" / "tiny-emo-lr0.001" / "model_index.json").stat().st_mtime_ns == stamp
     assert again["models"]["tiny-emo"]["heldout_by_lr"] == report["models"]["tiny-emo"]["heldout_by_lr"]
     assert "| tiny-emo |" in capsys.readouterr().out
+
+    # With FID and equal-time runs: every selected and equal-time run is scored, and each score lands on its run.
+    def fake_fid(args, run_dirs):
+        return {str(Path(d).resolve()): {"fid": float(len(Path(d).name)), "kid_mean": 0.0, "num_samples": 4,
+                                         "num_inference_steps": 2, "num_reference": 4} for d in run_dirs}
+
+    monkeypatch.setattr(fair_compare, "fid_scores", fake_fid)
+    scoring = argv[:argv.index("--num_samples")] + ["--num_samples", "4", "--equal_time_runs"] + argv[argv.index("--jobs"):]
+    scored = fair_compare.main(fair_compare.parse_args(scoring))
+    for label, model in scored["models"].items():
+        assert scored["fid"][label]["fid"] == len(Path(model["run_dir"]).name)
+        assert model["equal_time_run"]["fid"]["fid"] == len(Path(model["equal_time_run"]["run_dir"]).name)
 
 
 def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_labels(tmp_path, monkeypatch):
