@@ -12,10 +12,14 @@
    The sweep's runs are full-length, so the selected run is the final run (no short-horizon bias).
 3. Score: `eval/fid.py` samples the selected runs with the same per-sample seeds and scores FID/KID/precision/
    recall at one N against the training split (`--num_samples 0` skips it).
-4. Equal time (`--equal_time_runs`): every model slower per step than the fastest trains once more at its selected
+4. Time: each model's seconds per optimiser step of `train/train_ddpm.py` itself (its logged training clock, which
+   leaves evaluation out), from short runs made one at a time after the sweep, models in turn, median of
+   `--timing_repeats`. This sets the equal-time axis: it counts what a real training step costs (data loading, noise,
+   the EMA update), which a model-only step leaves out; reported beside it as "model s/step".
+5. Equal time (`--equal_time_runs`): every model slower per step than the fastest trains once more at its selected
    rate for the steps it takes in the fastest model's training time, with its own warm-up and cosine schedule (a
    run planned for that budget, not a cut-short one), and is scored like the others, FID included.
-5. Report (`report.md`, `report.json`, `heldout_vs_cost.png`): held-out loss at every rate, at equal steps and at
+6. Report (`report.md`, `report.json`, `heldout_vs_cost.png`): held-out loss at every rate, at equal steps and at
    equal training wall-clock (each curve interpolated at the shortest run's final time, and the equal-time runs),
    FID/KID, parameters, GFLOPs, training throughput, peak training memory and the sample grids.
 
@@ -23,8 +27,8 @@ A model is a preset name, or `LABEL=PRESET:key=value,...` for a variant (the abl
 `emov2-1m-gn=emov2-1m:norm_type='gn'` (values are Python literals). Class-conditional denoisers (the D-EMOv2 vs
 DiT comparison, `--models demo-t-2 dit-t-2 --resolution 32 --class_conditional`) train on the labels and sample
 balanced labels. Re-running continues unfinished runs from their latest checkpoint and reuses finished ones.
-Wall-clock is only comparable between runs that shared the machine in the same way: `--jobs 2 --threads 1` runs
-models side by side, one core each.
+`--jobs 2 --threads 1` runs the sweep side by side, one core each; since the sweep's own wall-clock ("logged train
+s") depends on which runs happened to share the machine, the equal-time axis comes from the timing runs, made alone.
 """
 
 from __future__ import annotations
@@ -116,9 +120,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     scoring.add_argument("--num_samples", type=int, default=1000, help="Samples per model and reference images; 0 skips FID.")
     scoring.add_argument("--num_inference_steps", type=int, default=50)
     scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
-    parser.add_argument("--jobs", type=int, default=1, help="Training runs at a time.")
+    timing = parser.add_argument_group("equal-time axis (timing runs of train_ddpm.py, one at a time)")
+    timing.add_argument("--timing_steps", type=int, default=300, help="Steps timed per timing run.")
+    timing.add_argument("--timing_warmup_steps", type=int, default=20,
+                        help="Untimed steps before them (lazy initialisation, the first batches).")
+    timing.add_argument("--timing_repeats", type=int, default=3, help="Timing runs per model (median), models in turn.")
+    parser.add_argument("--jobs", type=int, default=1, help="Training runs of the sweep at a time.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Where the cost columns (s/step, peak memory) are measured: where the runs trained.")
+                        help="Where the model-only cost columns (model s/step, peak memory) are measured: where the runs "
+                             "trained.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per run.")
     args = parser.parse_args(argv)
     args.specs = [ModelSpec.parse(text) for text in args.models]
@@ -126,7 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two models share a label: {labels}.")
     args.learning_rates = check_sweep(args.learning_rates)
-    for name in ("resolution", "train_batch_size", "max_train_steps", "heldout_steps", "jobs", "threads"):
+    for name in ("resolution", "train_batch_size", "max_train_steps", "heldout_steps", "timing_steps",
+                 "timing_warmup_steps", "timing_repeats", "jobs", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.num_samples < 0:
@@ -148,11 +159,13 @@ def build_variant(spec: ModelSpec, args: argparse.Namespace, channels: int):
                           num_class_embeds=args.num_class_embeds, **spec.overrides)
 
 
-def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, steps: Optional[int] = None) -> Path:
-    """One run of the sweep (a train_ddpm.py subprocess; `steps` other than --max_train_steps: an equal-time run),
-    continued from its last checkpoint if interrupted. A run that stops on a non-finite loss is marked diverged (its
-    held-out loss counts as NaN: it never wins the sweep); any other failure stops the comparison."""
-    run_dir = Path(args.output_dir) / "runs" / run_name(spec, lr, steps)
+def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, steps: Optional[int] = None,
+          run_dir: Optional[Path] = None) -> Path:
+    """One run of the sweep (a train_ddpm.py subprocess; `steps` other than --max_train_steps: an equal-time run;
+    `run_dir` other than runs/<run_name>: a timing run), continued from its last checkpoint if interrupted. A run that
+    stops on a non-finite loss is marked diverged (its held-out loss counts as NaN: it never wins the sweep); any
+    other failure stops the comparison."""
+    run_dir = run_dir or Path(args.output_dir) / "runs" / run_name(spec, lr, steps)
     steps = args.max_train_steps if steps is None else steps
     done = run_dir / ".done"
     if done.is_file() or diverged(run_dir):
@@ -200,12 +213,36 @@ def value_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
     return float(np.interp(at, x, y)) if x[0] <= at <= x[-1] else math.nan
 
 
-def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 20) -> dict[str, dict[str, float]]:
-    """Parameters, GFLOPs per forward, seconds per training step and its peak memory on `args.device`, at the
-    recipe's batch size.
+def time_training(args: argparse.Namespace, channels: int) -> dict[str, float]:
+    """Seconds per optimiser step of train_ddpm.py itself, per model: the equal-time axis.
 
-    The step times are medians of `repeats` steps timed in turn (model A, B, A, B, ...) in this one process, so a
-    slow spell of a shared machine slows every model alike; they, not the training logs, set the equal-time axis.
+    Each timing run trains `--timing_warmup_steps` + `--timing_steps` steps (the recipe, at the sweep's lowest rate) and
+    is read off its logged training clock between the warm-up's end and the last step. Runs go one at a time, models
+    in turn (A, B, A, B, ...), so a slow spell of a shared machine slows every model alike and no run shares the
+    machine with another; the median over `--timing_repeats` is kept. Finished timing runs are reused.
+    """
+    warmup = args.timing_warmup_steps
+    steps = warmup + args.timing_steps
+    lr = min(args.learning_rates)
+    seconds: dict[str, list[float]] = {spec.label: [] for spec in args.specs}
+    for repeat in range(args.timing_repeats):
+        for spec in args.specs:
+            timing_dir = Path(args.output_dir) / "timing" / f"{spec.label}-{steps}steps-{repeat}"
+            run_dir = train(spec, lr, args, channels, steps, timing_dir)
+            if diverged(run_dir):
+                raise RuntimeError(f"The timing run {run_dir} diverged at lr {lr:g}; put a lower rate in the sweep.")
+            clock = dict(read_scalars(run_dir / "logs")["train_seconds"])
+            seconds[spec.label].append((clock[steps] - clock[warmup]) / args.timing_steps)
+    return {label: float(np.median(values)) for label, values in seconds.items()}
+
+
+def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 20) -> dict[str, dict[str, float]]:
+    """Parameters, GFLOPs per forward, and the model-only training step's time and peak memory on `args.device`, at
+    the recipe's batch size.
+
+    The model-only step (forward, backward, AdamW on a fixed batch) leaves out what the training script does besides
+    (data loading, noising, the EMA update): `time_training`, not this, sets the equal-time axis. Its times are
+    medians of `repeats` steps timed in turn (model A, B, A, B, ...) in this one process.
     """
     device = torch.device(args.device)
     steps, costs = {}, {}
@@ -237,7 +274,7 @@ def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 20) ->
             step()
             times[label].append(time.perf_counter() - start)
     for label, measured in times.items():
-        costs[label]["seconds_per_step"] = float(np.median(measured))
+        costs[label]["model_seconds_per_step"] = float(np.median(measured))
     return costs
 
 
@@ -245,7 +282,7 @@ def select(
     args: argparse.Namespace, runs: dict[str, dict[float, Path]], costs: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
     """Each model's held-out loss at every rate, its selected rate and that run's curves, and every selected curve
-    at equal training time: the time the fastest-finishing model needs for the whole run (steps x its benchmarked
+    at equal training time: the time the fastest-finishing model needs for the whole run (steps x its timed
     seconds per step), reached by each model at its own step count."""
     results = {}
     for spec in args.specs:
@@ -319,7 +356,7 @@ def fid_of(fid_by_path: dict[str, dict[str, Any]], run_dir: str) -> dict[str, An
 
 
 def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Path) -> None:
-    """Held-out loss (EMA weights) against optimiser steps and against training time (steps x benchmarked seconds
+    """Held-out loss (EMA weights) against optimiser steps and against training time (steps x timed seconds
     per step), one line per model; the dashed line is the equal-time budget of the report, a star a model's
     equal-time run (`--equal_time_runs`)."""
     figure = Figure(figsize=(11, 4), layout="constrained")
@@ -335,7 +372,7 @@ def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Pa
                          markersize=12, color=lines[0].get_color(), linestyle="none")
     by_time.axvline(selection["equal_train_seconds"], color="grey", linestyle="--", linewidth=0.8)
     by_steps.set(xlabel="optimiser step", ylabel="held-out loss (EMA weights)", yscale="log")
-    by_time.set(xlabel="training time (s): steps x benchmarked s/step", ylabel="held-out loss (EMA weights)", yscale="log")
+    by_time.set(xlabel="training time (s): steps x timed s/step", ylabel="held-out loss (EMA weights)", yscale="log")
     for axes in (by_steps, by_time):
         axes.grid(alpha=0.3)
         axes.legend()
@@ -348,7 +385,7 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
     equal_time = f"{selection['equal_train_seconds']:.0f} s"
     header = (["model", "params (M)", f"GFLOPs @{args.resolution}²"] + [f"held-out @lr {r}" for r in rates]
               + ["lr", f"held-out @{args.max_train_steps} steps",
-                 f"held-out @{equal_time}", "s/step", "logged train s", "peak train MiB"]
+                 f"held-out @{equal_time}", "s/step", "model s/step", "logged train s", "peak train MiB"]
               + (["FID", "KID"] if fid else [])
               + (["equal-time run: steps", "held-out"] + (["FID"] if fid else []) if args.equal_time_runs else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -359,7 +396,8 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
                 for r in rates]
         row += [f"{model['learning_rate']:g}" + (" (edge)" if model["on_sweep_edge"] else ""),
                 f"{model['heldout_loss']:.5f}", f"{model['heldout_at_equal_time']:.5f}",
-                f"{cost['seconds_per_step']:.3f}", f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]
+                f"{cost['seconds_per_step']:.3f}", f"{cost['model_seconds_per_step']:.3f}",
+                f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]
         if fid:
             row += [f"{fid[spec.label]['fid']:.2f}", f"{fid[spec.label]['kid_mean']:.4f}"]
         if args.equal_time_runs:
@@ -371,9 +409,10 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
               f"{args.train_batch_size}, AdamW, {args.lr_warmup_steps}-step warm-up then cosine, EMA, squaredcos_cap_v2, "
               f"seed {args.seed}, {args.jobs} run(s) at a time x {args.threads} thread(s). Held-out loss: "
               f"{args.heldout_num_images} {args.heldout_split}-split images, fixed noise and 8 timesteps, EMA weights; "
-              "lr selected on its final value. Equal time: steps x s/step (training steps timed in turn in one process, "
-              f"on {args.device}); "
-              "logged train s: the runs' own wall-clock (shared machine)."
+              "lr selected on its final value. Equal time: steps x s/step (train_ddpm.py's own clock, median of "
+              f"{args.timing_repeats} timing runs of {args.timing_steps} steps made one at a time); model s/step: "
+              f"forward, backward and AdamW alone, timed in turn in one process on {args.device}; "
+              "logged train s: the sweep runs' own wall-clock (shared machine)."
               + (" Equal-time run: the selected rate retrained for the steps that fit the fastest model's training "
                  "time, with its own warm-up and cosine schedule." if args.equal_time_runs else ""))
     if fid:
@@ -398,6 +437,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         runs.setdefault(spec.label, {})[lr] = path
     torch.set_num_threads(args.threads)
     costs = measure_costs(args, channels)
+    for label, seconds in time_training(args, channels).items():
+        costs[label]["seconds_per_step"] = seconds
     selection = select(args, runs, costs)
     if args.equal_time_runs:
         add_equal_time_runs(args, selection, channels)

@@ -35,7 +35,8 @@ NUM_SAMPLES=${NUM_SAMPLES:-5000}
 SEG_STEPS=${SEG_STEPS:-0}
 DEVICE=${DEVICE:-cuda}
 FAIR_STEPS=${FAIR_STEPS:-1500}
-fair=(--learning_rates 3e-4 1e-3 3e-3 --heldout_num_images 512)
+# One timing run of 100 steps per model (eval/fair_compare.py's equal-time axis) to fit the call.
+fair=(--learning_rates 3e-4 1e-3 3e-3 --heldout_num_images 512 --timing_steps 100 --timing_repeats 1)
 fair_train=()
 # Batch 256: where the GPU has arithmetic to do rather than kernel launches to wait on.
 bench=(--device "$DEVICE" --batch_sizes 1 16 256)
@@ -49,7 +50,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
        --num_synthetic_test 1 --train_batch_size 2 --cost_size 64 --cost_models --latency_repeats 1)
   seg_paper=("${seg[@]}")
   seg+=(--learning_rates 1e-2)  # one run per model (the sweeps are seg_benchmark's and fair_compare's own tests)
-  fair=(--learning_rates 1e-3 --heldout_num_images 8)
+  fair=(--learning_rates 1e-3 --heldout_num_images 8 --timing_steps 1 --timing_warmup_steps 1 --timing_repeats 1)
   fair_train=(--eval_batch_size 2 --ddpm_num_inference_steps 2)  # the runs' final preview grids
   fid_batch=4
   inference_steps=2

@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from script_runs import load_script
 
+from emov2_gen.evaluation.training_logs import read_scalars
 from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
 
 fair_compare = load_script(Path(__file__).resolve().parents[1] / "eval" / "fair_compare.py")
@@ -82,7 +83,8 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
     out = tmp_path / "fair"
     argv = ["--models", TINY_EMOV2, TINY_UNET, "--learning_rates", "1e-3", "1e-2", "--resolution", "8",
             "--max_train_steps", "3", "--heldout_steps", "2", "--heldout_num_images", "8", "--lr_warmup_steps", "1",
-            "--num_samples", "0", "--jobs", "2", "--threads", "1", "--output_dir", str(out),
+            "--timing_steps", "2", "--timing_warmup_steps", "1", "--timing_repeats", "1", "--num_samples", "0", "--jobs", "2", "--threads", "1",
+            "--output_dir", str(out),
             "--train_args", "--max_train_samples", "32", "--ddpm_num_steps", "50"]
     report = fair_compare.main(fair_compare.parse_args(argv))
 
@@ -91,7 +93,10 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
         by_lr = {float(lr): value for lr, value in model["heldout_by_lr"].items()}
         assert model["learning_rate"] == min(by_lr, key=by_lr.get)
         assert model["curve"]["steps"] == [2, 3]  # every --heldout_steps and at the end
-        assert report["costs"][label]["seconds_per_step"] > 0 and report["costs"][label]["parameters"] > 0
+        assert report["costs"][label]["model_seconds_per_step"] > 0 and report["costs"][label]["parameters"] > 0
+        # The equal-time axis is the training script's own clock over the timing run's last 2 steps.
+        clock = dict(read_scalars(out / "timing" / f"{label}-3steps-0" / "logs")["train_seconds"])
+        assert report["costs"][label]["seconds_per_step"] == pytest.approx((clock[3] - clock[1]) / 2)
     config = json.loads((out / "configs" / "tiny-emo" / "config.json").read_text())
     assert config["_class_name"] == "EMOv2UNet2DModel" and config["block_out_channels"] == [8, 8, 16, 16]
     table = (out / "report.md").read_text()
@@ -125,7 +130,7 @@ def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_
                                     "--train_batch_size", "2", "--class_conditional", "--output_dir", str(tmp_path)])
     args.num_class_embeds = 11  # MNIST's 10 digits + the null row, as main() reads them off the data
     costs = fair_compare.measure_costs(args, channels=1, repeats=1)  # diffusers' DiT cannot run without labels
-    assert all(cost["gflops"] > 0 and cost["seconds_per_step"] > 0 for cost in costs.values())
+    assert all(cost["gflops"] > 0 and cost["model_seconds_per_step"] > 0 for cost in costs.values())
     assert fair_compare.build_variant(args.specs[1], args, 1).config.num_embeds_ada_norm == 10
 
     commands = []
@@ -172,10 +177,40 @@ def test_equal_time_runs_retrain_slower_models_for_the_fastest_models_time(tmp_p
     assert emo["steps"] == 20 and emo["heldout_loss"] == pytest.approx(0.33)
     assert emo["run_dir"].endswith("emov2-1m-lr0.001-20steps")
     assert unet == {"run_dir": str(runs["unet2d-1m"][1e-3]), "steps": 40, "heldout_loss": pytest.approx(0.251)}
-    table = fair_compare.markdown(args, selection, {label: {**cost, "parameters": 1e6, "gflops": 0.1,
+    table = fair_compare.markdown(args, selection, {label: {**cost, "parameters": 1e6, "gflops": 0.1, "model_seconds_per_step": 0.5,
                                                              "peak_train_memory_mib": 1.0} for label, cost in costs.items()}, {})
     assert table.splitlines()[0].endswith("| equal-time run: steps | held-out |")
     assert "| 20 | 0.33000 |" in table and "| 40 | 0.25100 |" in table
+
+
+def test_training_is_timed_one_run_at_a_time_in_turn_and_the_median_kept(tmp_path, monkeypatch):
+    args = fair_compare.parse_args(["--models", "emov2-1m", "unet2d-1m", "--learning_rates", "1e-3", "3e-3", "1e-2",
+                                    "--timing_steps", "10", "--timing_repeats", "3", "--output_dir", str(tmp_path)])
+    warm, calls = args.timing_warmup_steps, []
+    step_seconds = {"emov2-1m": [2.0, 9.0, 3.0], "unet2d-1m": [1.0, 1.5, 0.5]}  # per repeat; medians 3.0 and 1.0
+
+    def fake_train(spec, lr, args, channels, steps=None, run_dir=None):
+        calls.append((spec.label, lr, steps, run_dir.name))
+        per_step = step_seconds[spec.label][int(run_dir.name[-1])]  # named LABEL-<steps>steps-<repeat>
+        writer = SummaryWriter(str(run_dir / "logs" / "train_ddpm"))
+        for step in range(1, steps + 1):  # a slow start that the warm-up leaves out
+            writer.add_scalar("train_seconds", 100.0 + per_step * step if step > 1 else 50.0, step)
+        writer.close()
+        return run_dir
+
+    monkeypatch.setattr(fair_compare, "train", fake_train)
+    assert fair_compare.time_training(args, channels=1) == {"emov2-1m": 3.0, "unet2d-1m": 1.0}
+    assert calls == [(label, 1e-3, warm + 10, f"{label}-{warm + 10}steps-{repeat}") for repeat in range(3)
+                     for label in ("emov2-1m", "unet2d-1m")]  # in turn, at the sweep's lowest rate
+
+    def diverging_train(spec, lr, args, channels, steps=None, run_dir=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / fair_compare.DIVERGED).touch()
+        return run_dir
+
+    monkeypatch.setattr(fair_compare, "train", diverging_train)
+    with pytest.raises(RuntimeError, match="timing run .* diverged at lr 0.001"):
+        fair_compare.time_training(args, channels=1)
 
 
 def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeypatch):
