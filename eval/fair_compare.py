@@ -13,7 +13,7 @@
 3. Score: `eval/fid.py` samples the selected runs with the same per-sample seeds and scores FID/KID/precision/
    recall at one N against the training split (`--num_samples 0` skips it).
 4. Time: each model's seconds per optimiser step of `train/train_ddpm.py` itself (its logged training clock, which
-   leaves evaluation out), from short runs made one at a time after the sweep, models in turn, median of
+   leaves evaluation out), from short runs made one at a time after the sweep, models in turn, the fastest of
    `--timing_repeats`. This sets the equal-time axis: it counts what a real training step costs (data loading, noise,
    the EMA update), which a model-only step leaves out; reported beside it as "model s/step".
 5. Equal time (`--equal_time_runs`): every model slower per step than the fastest trains once more at its selected
@@ -124,7 +124,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     timing.add_argument("--timing_steps", type=int, default=300, help="Steps timed per timing run.")
     timing.add_argument("--timing_warmup_steps", type=int, default=20,
                         help="Untimed steps before them (lazy initialisation, the first batches).")
-    timing.add_argument("--timing_repeats", type=int, default=3, help="Timing runs per model (median), models in turn.")
+    timing.add_argument("--timing_repeats", type=int, default=3, help="Timing runs per model (the fastest counts), models in turn.")
     parser.add_argument("--jobs", type=int, default=1, help="Training runs of the sweep at a time.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Where the model-only cost columns (model s/step, peak memory) are measured: where the runs "
@@ -218,8 +218,10 @@ def time_training(args: argparse.Namespace, channels: int) -> dict[str, float]:
 
     Each timing run trains `--timing_warmup_steps` + `--timing_steps` steps (the recipe, at the sweep's lowest rate) and
     is read off its logged training clock between the warm-up's end and the last step. Runs go one at a time, models
-    in turn (A, B, A, B, ...), so a slow spell of a shared machine slows every model alike and no run shares the
-    machine with another; the median over `--timing_repeats` is kept. Finished timing runs are reused.
+    in turn (A, B, A, B, ...), and no run shares the machine with another. The fastest of `--timing_repeats` counts:
+    on a shared machine interference only ever adds time, so the fastest run is the nearest to the model's own cost
+    (timeit's rule). A median of 3 was not enough: a slow spell that hit two runs of one model and one of the other
+    read the 5M pair's ratio as 1.76x instead of 1.2x. Finished timing runs are reused.
     """
     warmup = args.timing_warmup_steps
     steps = warmup + args.timing_steps
@@ -233,7 +235,7 @@ def time_training(args: argparse.Namespace, channels: int) -> dict[str, float]:
                 raise RuntimeError(f"The timing run {run_dir} diverged at lr {lr:g}; put a lower rate in the sweep.")
             clock = dict(read_scalars(run_dir / "logs")["train_seconds"])
             seconds[spec.label].append((clock[steps] - clock[warmup]) / args.timing_steps)
-    return {label: float(np.median(values)) for label, values in seconds.items()}
+    return {label: min(values) for label, values in seconds.items()}
 
 
 def measure_costs(args: argparse.Namespace, channels: int, repeats: int = 20) -> dict[str, dict[str, float]]:
@@ -409,7 +411,7 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
               f"{args.train_batch_size}, AdamW, {args.lr_warmup_steps}-step warm-up then cosine, EMA, squaredcos_cap_v2, "
               f"seed {args.seed}, {args.jobs} run(s) at a time x {args.threads} thread(s). Held-out loss: "
               f"{args.heldout_num_images} {args.heldout_split}-split images, fixed noise and 8 timesteps, EMA weights; "
-              "lr selected on its final value. Equal time: steps x s/step (train_ddpm.py's own clock, median of "
+              "lr selected on its final value. Equal time: steps x s/step (train_ddpm.py's own clock, fastest of "
               f"{args.timing_repeats} timing runs of {args.timing_steps} steps made one at a time); model s/step: "
               f"forward, backward and AdamW alone, timed in turn in one process on {args.device}; "
               "logged train s: the sweep runs' own wall-clock (shared machine)."
