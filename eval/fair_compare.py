@@ -306,9 +306,10 @@ def select(
     equal_time = min(args.max_train_steps * cost["seconds_per_step"] for cost in costs.values())
     for label, result in results.items():
         c, step_time = result["curve"], costs[label]["seconds_per_step"]
-        result["steps_at_equal_time"] = equal_time / step_time
-        result["heldout_at_equal_time"] = value_at(np.array(c["steps"]), np.array(c["heldout_loss_ema"]),
-                                                   equal_time / step_time)
+        # At most the whole run: for the fastest model x / t * t can exceed it by a rounding error (NaN off the curve).
+        steps = min(equal_time / step_time, args.max_train_steps)
+        result["steps_at_equal_time"] = steps
+        result["heldout_at_equal_time"] = value_at(np.array(c["steps"]), np.array(c["heldout_loss_ema"]), steps)
     return {"equal_train_seconds": equal_time, "models": results}
 
 

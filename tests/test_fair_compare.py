@@ -74,6 +74,17 @@ def test_each_model_gets_its_own_best_rate_and_is_read_at_equal_time(tmp_path):
     assert emo["curve"]["train_seconds"] == [5.0, 10.0, 15.0, 20.0]  # the logged wall-clock, kept for the report
 
 
+def test_the_fastest_model_is_read_at_its_last_step_despite_rounding(tmp_path):
+    args = fair_compare.parse_args(["--models", "emov2-5m", "unet2d-5m", "--learning_rates", "1e-3", "3e-3", "1e-2",
+                                    "--max_train_steps", "1000", "--output_dir", str(tmp_path)])
+    runs = {label: {lr: write_run(tmp_path / f"{label}{lr:g}", [0.4, 0.3, 0.2, 0.1], every=250) for lr in args.learning_rates}
+            for label in ("emov2-5m", "unet2d-5m")}
+    fast = 0.2068079169591268  # 1000 * fast / fast == 1000.0000000000001
+    selection = fair_compare.select(args, runs, {"emov2-5m": {"seconds_per_step": 0.248}, "unet2d-5m": {"seconds_per_step": fast}})
+    assert selection["models"]["unet2d-5m"]["steps_at_equal_time"] == 1000
+    assert selection["models"]["unet2d-5m"]["heldout_at_equal_time"] == pytest.approx(0.1)
+
+
 def test_value_at_interpolates_inside_the_curve_only():
     x, y = np.array([10.0, 20.0]), np.array([1.0, 3.0])
     assert fair_compare.value_at(x, y, 15.0) == 2.0 and math.isnan(fair_compare.value_at(x, y, 5.0))
