@@ -94,8 +94,8 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
     out = tmp_path / "fair"
     argv = ["--models", TINY_EMOV2, TINY_UNET, "--learning_rates", "1e-3", "1e-2", "--resolution", "8",
             "--max_train_steps", "3", "--heldout_steps", "2", "--heldout_num_images", "8", "--lr_warmup_steps", "1",
-            "--timing_steps", "2", "--timing_warmup_steps", "1", "--timing_repeats", "1", "--num_samples", "0", "--jobs", "2", "--threads", "1",
-            "--output_dir", str(out),
+            "--timing_steps", "2", "--timing_warmup_steps", "1", "--timing_repeats", "1", "--num_samples", "0",
+            "--jobs", "2", "--threads", "1", "--output_dir", str(out),
             "--train_args", "--max_train_samples", "32", "--ddpm_num_steps", "50"]
     report = fair_compare.main(fair_compare.parse_args(argv))
 
