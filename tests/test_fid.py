@@ -21,7 +21,9 @@ from emov2_gen.evaluation.fid import (
     FIDSettings,
     ModelSamples,
     evaluate_models,
+    ModelScore,
     fidelity_metrics,
+    kid_std_is_measured,
     kid_subset_size,
     sample_models,
     score_models,
@@ -29,6 +31,7 @@ from emov2_gen.evaluation.fid import (
 from emov2_gen.evaluation.inception import resolve_inception_weights
 from emov2_gen.evaluation.inception_inputs import ImageTensorDataset
 from emov2_gen.evaluation.reference import ReferenceImages, ReferenceSet
+from emov2_gen.evaluation.report import scores_table
 from emov2_gen.evaluation.sampling import generate_images, load_pipeline
 from script_runs import load_script
 
@@ -120,6 +123,24 @@ def test_kid_subset_size_never_exceeds_either_input():
     assert kid_subset_size(200, 5000) == 200
     assert kid_subset_size(5000, 300) == 300
     assert kid_subset_size(50_000, 50_000) == 1000
+
+
+def test_kid_std_is_shown_only_where_the_subsets_can_differ(mnist_scores):
+    n = mnist_scores["n"]
+    assert mnist_scores["real"]["kid_std"] < 1e-5  # every subset of 32 out of 32 images is the whole set
+    assert not kid_std_is_measured(n, n, n)
+    assert kid_std_is_measured(1000, 5000, 5000) and kid_std_is_measured(200, 200, 5000)
+    row = ModelScore(
+        name="m", path="m", model_class="x.M", parameters=10**6, gflops_per_forward=0.1, gflops_per_sample=5.0,
+        resolution=[16, 16], in_channels=1, class_conditional=False, sampler="DDIMScheduler", num_inference_steps=50,
+        num_samples=1000, seed=0, device="cpu", seconds_per_image=0.01, num_reference=1000, fid=20.0, kid_mean=0.0123,
+        kid_std=0.0, kid_subset_size=1000, precision=0.5, recall=0.5, inception_weights="w", reference_key="r",
+        reference_cache_name="c",
+    )  # fmt: skip
+    row_line = scores_table([row]).splitlines()[-1]
+    assert "0.0123 (one subset: no std)" in row_line and "±" not in row_line
+    measured = replace(row, num_samples=5000, num_reference=5000, kid_std=0.0011)
+    assert "0.0123 ± 0.0011" in scores_table([measured])
 
 
 # --- sampling: seeded per sample, class labels, FLOPs -------------------------------------------------------------

@@ -153,6 +153,13 @@ def kid_subset_size(num_generated: int, num_reference: int) -> int:
     return min(KID_MAX_SUBSET_SIZE, num_generated, num_reference)
 
 
+def kid_std_is_measured(subset_size: int, num_generated: int, num_reference: int) -> bool:
+    """Whether torch-fidelity's KID std means anything: it is the spread over random subsets of both inputs, so when
+    the subset is as large as both (N <= 1000 against as many reference images) every subset is the whole set and
+    the std is 0 by construction."""
+    return subset_size < max(num_generated, num_reference)
+
+
 def reference_cache_name(reference_key: str, weights: InceptionWeights) -> str:
     """A file-name-safe torch-fidelity cache name, unique per reference key and Inception weights."""
     digest = hashlib.sha256(f"{reference_key}|{weights.sha256}".encode()).hexdigest()[:16]

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import save_image
 
 from .benchmark import markdown_table
-from .fid import GRID_SAMPLES, FIDEvaluation, ModelScore
+from .fid import GRID_SAMPLES, FIDEvaluation, ModelScore, kid_std_is_measured
 from .flops import FLOP_CONVENTION
 
 PLOT_NAME = "fid_vs_cost.png"
@@ -55,6 +55,13 @@ def report_dict(evaluation: FIDEvaluation) -> dict:
     }
 
 
+def kid_cell(score: ModelScore) -> str:
+    """KID mean ± std, or the mean alone where the std is 0 by construction (see `kid_std_is_measured`)."""
+    if kid_std_is_measured(score.kid_subset_size, score.num_samples, score.num_reference):
+        return f"{score.kid_mean:.4f} ± {score.kid_std:.4f}"
+    return f"{score.kid_mean:.4f} (one subset: no std)"
+
+
 def scores_table(scores: list[ModelScore]) -> str:
     """A markdown table with one row per model, side by side."""
     header = ["model", "class", "params (M)", "GFLOPs/forward", "GFLOPs/sample", "sampler", "steps", "N", "s/image",
@@ -63,7 +70,7 @@ def scores_table(scores: list[ModelScore]) -> str:
         [
             s.name, s.model_class.rsplit(".", 1)[-1], f"{s.parameters / 1e6:.3f}", f"{s.gflops_per_forward:.3f}",
             f"{s.gflops_per_sample:.2f}", s.sampler, str(s.num_inference_steps), str(s.num_samples),
-            f"{s.seconds_per_image:.4f}", f"{s.fid:.2f}", f"{s.kid_mean:.4f} ± {s.kid_std:.4f}",
+            f"{s.seconds_per_image:.4f}", f"{s.fid:.2f}", kid_cell(s),
             f"{s.precision:.3f}", f"{s.recall:.3f}",
         ]  # fmt: skip
         for s in scores
