@@ -20,8 +20,8 @@ from emov2_gen import build_denoiser
 from emov2_gen.evaluation.fid import (
     FIDSettings,
     ModelSamples,
-    evaluate_models,
     ModelScore,
+    evaluate_models,
     fidelity_metrics,
     kid_std_is_measured,
     kid_subset_size,
