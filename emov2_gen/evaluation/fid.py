@@ -293,12 +293,8 @@ def _scoring_inputs(settings: FIDSettings) -> tuple[ReferenceSet, InceptionWeigh
     return reference, resolve_inception_weights(settings.inception_weights)
 
 
-def score_models(samples: list[ModelSamples], settings: FIDSettings) -> FIDEvaluation:
-    """Score samples drawn by `sample_models` (here or on another machine) against one reference subset.
-
-    The sampling settings (N, sampler, steps, seed, class conditioning) are taken from the samples, which must all
-    agree on them; `settings` supplies the reference, the Inception weights and where to score.
-    """
+def common_sampling(samples: list[ModelSamples]) -> dict[str, Any]:
+    """The sampling settings that every one of `samples` was drawn with; an error if they differ or names repeat."""
     if not samples:
         raise ValueError("Give at least one samples file.")
     sampling = samples[0].sampling
@@ -311,7 +307,16 @@ def score_models(samples: list[ModelSamples], settings: FIDSettings) -> FIDEvalu
     names = [s.info.name for s in samples]
     if len(set(names)) != len(names):
         raise ValueError(f"Two samples files hold the same model name: {names}.")
-    settings = replace(settings, **sampling)
+    return sampling
+
+
+def score_models(samples: list[ModelSamples], settings: FIDSettings) -> FIDEvaluation:
+    """Score samples drawn by `sample_models` (here or on another machine) against one reference subset.
+
+    The sampling settings (N, sampler, steps, seed, class conditioning) are taken from the samples, which must all
+    agree on them; `settings` supplies the reference, the Inception weights and where to score.
+    """
+    settings = replace(settings, **common_sampling(samples))
     return _score_all(samples, settings, *_scoring_inputs(settings))
 
 

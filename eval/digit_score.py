@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+r"""Score generated digits with a digit classifier: recognisable share, class coverage, digit IS and digit FD.
+
+FID of 16x16 MNIST samples upscaled for an ImageNet Inception weighs a speckled background heavily; these scores ask
+whether the samples are digits (see `emov2_gen.evaluation.digit_scores`). The classifier is trained once on the
+reference's training split at the samples' resolution and cached (about a minute for MNIST on a CPU).
+
+    python eval/digit_score.py --model_dirs runs/emov2-1m runs/unet2d-1m --reference ../shared/data/mnist \
+        --num_samples 1000 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir outputs/digits
+
+or, on samples saved by `eval/fid.py --samples_only` (the same seeds give the same first N samples as FID's):
+
+    python eval/digit_score.py --samples OUT/samples/*.pt --reference ../shared/data/mnist --output_dir OUT/digits
+
+Writes OUTPUT_DIR/report.json and report.md and prints the table, whose first row is real held-out images.
+"""
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from emov2_gen.evaluation.benchmark import markdown_table
+from emov2_gen.evaluation.digit_classifier import ClassifierRecipe
+from emov2_gen.evaluation.digit_scores import RECOGNISABLE_PROBABILITY, DigitScore, DigitScorer
+from emov2_gen.evaluation.fid import FIDSettings, ModelSamples, common_sampling, sample_models
+from emov2_gen.evaluation.sampling import SCHEDULERS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_dirs", nargs="+", help="Saved diffusers pipeline folders.")
+    source.add_argument("--samples", nargs="+", help="Samples files written by eval/fid.py --samples_only.")
+    parser.add_argument("--reference", required=True, help="Labelled digits: a local `datasets` directory or hub name.")
+    parser.add_argument("--train_split", default="train", help="The split the classifier is trained on.")
+    parser.add_argument("--heldout_split", default="test", help="The split of the FD reference and the real row.")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model (with --model_dirs).")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--seed", type=int, default=0, help="The same seed gives every model the same noise.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Sampling batch size.")
+    parser.add_argument("--class_conditional", action="store_true", help="Sample with balanced labels.")
+    parser.add_argument("--classifier_epochs", type=int, default=ClassifierRecipe.epochs)
+    parser.add_argument(
+        "--classifier_images", type=int, default=ClassifierRecipe.num_images, help="Training images (a fixed subset)."
+    )
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--cache_dir", default=None, help="Classifier cache (default: OUTPUT_DIR/digit_classifier).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def markdown_report(scores: list[DigitScore], scorer: DigitScorer, sampling: dict) -> str:
+    header = ["samples", "N", f"recognisable (p >= {RECOGNISABLE_PROBABILITY})", "mean confidence",
+              "effective classes", "digit IS", "digit FD"]  # fmt: skip
+    rows = [
+        [s.name, str(s.num_images), f"{s.recognisable:.3f}", f"{s.confidence:.3f}", f"{s.effective_classes:.2f}",
+         f"{s.digit_is:.2f} ± {s.digit_is_std:.2f}", f"{s.digit_fd:.2f}"]  # fmt: skip
+        for s in scores
+    ]
+    lines = [
+        "# Digit scores",
+        "",
+        f"- Classifier: {scorer.classifier_path.name}, {scorer.heldout_accuracy:.2%} accurate on the held-out images",
+        f"- Held-out images: {scorer.heldout_description}; half are the digit-FD reference, half the first row",
+        f"- Sampling: {sampling}",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    output_dir = Path(args.output_dir)
+    if args.samples:
+        samples = [ModelSamples.load(path) for path in args.samples]
+    else:
+        settings = FIDSettings(
+            reference=args.reference,
+            cache_dir=output_dir,
+            num_samples=args.num_samples,
+            num_inference_steps=args.num_inference_steps,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            class_conditional=args.class_conditional,
+            device=args.device,
+        )
+        samples = sample_models(args.model_dirs, settings)
+    sampling = common_sampling(samples)
+    resolutions = {tuple(s.info.resolution) for s in samples}
+    if len(resolutions) != 1 or len(set(next(iter(resolutions)))) != 1:
+        raise ValueError(f"The digit scores compare square samples of one resolution, got {sorted(resolutions)}.")
+    scorer = DigitScorer(
+        args.reference,
+        resolution=samples[0].info.resolution[0],
+        num_reference=sampling["num_samples"],
+        cache_dir=args.cache_dir or output_dir / "digit_classifier",
+        train_split=args.train_split,
+        heldout_split=args.heldout_split,
+        recipe=ClassifierRecipe(epochs=args.classifier_epochs, num_images=args.classifier_images),
+        device=args.device,
+    )
+    scores = [scorer.score_real()] + [scorer.score(s.info.name, s.images) for s in samples]
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "settings": {**vars(args), "sampling": sampling},
+        "classifier": {
+            "path": str(scorer.classifier_path),
+            "recipe": asdict(scorer.recipe),
+            "heldout_accuracy": scorer.heldout_accuracy,
+            "heldout_images": scorer.heldout_description,
+        },
+        "models": [asdict(score) for score in scores],
+        "samples": {s.info.name: s.info.path for s in samples},
+    }
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = markdown_report(scores, scorer, sampling)
+    (output_dir / "report.md").write_text(markdown)
+    print(markdown)
+    print(f"Report: {output_dir / 'report.json'} and {output_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
