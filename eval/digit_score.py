@@ -12,7 +12,8 @@ or, on samples saved by `eval/fid.py --samples_only` (the same seeds give the sa
 
     python eval/digit_score.py --samples OUT/samples/*.pt --reference ../shared/data/mnist --output_dir OUT/digits
 
-Writes OUTPUT_DIR/report.json and report.md and prints the table, whose first row is real held-out images.
+Writes OUTPUT_DIR/report.json and report.md (and, with --model_dirs, the samples as OUTPUT_DIR/samples/<model>.pt)
+and prints the table, whose first row is real held-out images.
 """
 
 import argparse
@@ -55,10 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def markdown_report(scores: list[DigitScore], scorer: DigitScorer, sampling: dict) -> str:
-    header = ["samples", "N", f"recognisable (p >= {RECOGNISABLE_PROBABILITY})", "mean confidence",
+    header = ["samples", "N", f"recognisable (p >= {RECOGNISABLE_PROBABILITY})", "not a digit", "mean confidence",
               "effective classes", "digit IS", "digit FD"]  # fmt: skip
     rows = [
-        [s.name, str(s.num_images), f"{s.recognisable:.3f}", f"{s.confidence:.3f}", f"{s.effective_classes:.2f}",
+        [s.name, str(s.num_images), f"{s.recognisable:.3f}", f"{s.not_a_digit:.3f}", f"{s.confidence:.3f}",
+         f"{s.effective_classes:.2f}",
          f"{s.digit_is:.2f} ± {s.digit_is_std:.2f}", f"{s.digit_fd:.2f}"]  # fmt: skip
         for s in scores
     ]
@@ -94,6 +96,8 @@ def main(argv=None) -> None:
             device=args.device,
         )
         samples = sample_models(args.model_dirs, settings)
+        for model_samples in samples:  # kept, so that another classifier can score them with --samples
+            model_samples.save(output_dir / "samples" / f"{model_samples.info.name}.pt")
     sampling = common_sampling(samples)
     resolutions = {tuple(s.info.resolution) for s in samples}
     if len(resolutions) != 1 or len(set(next(iter(resolutions)))) != 1:

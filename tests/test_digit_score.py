@@ -54,9 +54,24 @@ def test_real_digits_score_far_better_than_their_own_pixels_shuffled(scorer):
     shuffled = scorer.score("shuffled", shuffled_pixels(scorer.real_images))
     assert real.name == REAL_ROW and real.num_images == NUM_REFERENCE
     assert real.recognisable > 0.7 and real.effective_classes > 9 and real.digit_is > 5
-    assert shuffled.digit_is < real.digit_is / 2
+    assert shuffled.digit_is < real.digit_is / 2 and shuffled.not_a_digit > 0.8 and real.not_a_digit < 0.05
     assert shuffled.digit_fd > 10 * real.digit_fd
     assert sum(real.class_shares) == pytest.approx(1, abs=1e-3)
+
+
+def test_noise_and_blank_images_are_not_digits_but_speckled_digits_still_are(scorer):
+    # A classifier of digits alone calls uniform noise a confident "8"; the rejection class must catch it, while
+    # a digit on a speckled background (the baseline's failure mode) keeps its class.
+    generator = torch.Generator().manual_seed(1)
+    real = scorer.real_images
+    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=generator)
+    speckle = 0.15 * 255 * torch.randn(real.shape, generator=generator)
+    speckled_digits = (real.float() + speckle).clamp(0, 255).round().to(torch.uint8)
+    for name, images in (("noise", noise), ("blank", torch.zeros_like(real))):
+        score = scorer.score(name, images)
+        assert score.not_a_digit > 0.9 and score.recognisable < 0.05, name
+    real_score, speckled_score = scorer.score_real(), scorer.score("speckled", speckled_digits)
+    assert speckled_score.not_a_digit < 0.1 and speckled_score.recognisable > 0.8 * real_score.recognisable
 
 
 def test_the_reference_half_is_at_distance_zero_from_itself(scorer):
@@ -119,7 +134,7 @@ def test_references_without_labels_or_enough_heldout_images_are_clear_errors(one
 
 def test_the_classifier_rejects_maps_smaller_than_its_pooling():
     with pytest.raises(ValueError, match="at least 8x8"):
-        DigitClassifier()(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+        DigitClassifier.prepare(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
 
 
 # --- the script ------------------------------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ themselves asks the question a reader asks of a sample grid: is this a digit, an
 four-layer CNN (about 0.2M parameters) whose 128-d penultimate activations are the features the digit Frechet
 distance is computed in, as FID is in Inception's pool3 features.
 
+Besides the ten digits it has an eleventh class, "not a digit", because a classifier trained on digits alone is
+confidently wrong off the data: uniform noise reads as a 99.99% "8", and a sample that failed to become a digit
+would count as a recognised one. The rejection class is trained on non-digits made on the fly (uniform noise,
+blurred noise blobs, a digit's own pixels shuffled, flat grey images), and the digits are trained with speckle noise
+added to half of them, so that a recognisable digit on a noisy background still counts as a digit: the scores
+judge the shape, not the background (FID judges that already).
+
 `load_or_train_classifier` trains it once per (reference, split, resolution, recipe) on the reference's labelled
 training images, preprocessed exactly as the FID reference images are (centre crop, the model's resolution, uint8
 rounding), and caches the weights as safetensors so every later evaluation uses the same classifier.
@@ -29,18 +36,22 @@ from ..data.training_images import TrainingImageDataset, derived_seed
 from .inception_inputs import unit_to_uint8
 from .reference import ReferenceSet
 
-NUM_CLASSES = 10
+NUM_DIGITS = 10
+NOT_A_DIGIT = NUM_DIGITS  # the rejection class's index
 FEATURE_DIM = 128
-CLASSIFIER_VERSION = 1  # bump when the architecture or the recipe changes: old cache files are then not reused
+MAX_SPECKLE_STD = 0.25  # speckle on training digits: Gaussian, std up to this, on the [0, 1] scale
+NON_DIGITS_PER_BATCH = 16
+CLASSIFIER_VERSION = 2  # bump when the architecture or the recipe changes: old cache files are then not reused
 
 
 class DigitClassifier(nn.Module):
-    """Two conv stages (32 and 64 channels, BatchNorm, ReLU, 2x max-pool between) -> 4x4 pool -> 128-d -> 10 logits.
+    """Two conv stages (32 and 64 channels, BatchNorm, ReLU, 2x max-pool between) -> 4x4 pool -> 128-d -> 11 logits
+    (the ten digits, then `NOT_A_DIGIT`).
 
     The adaptive pool makes it work at any resolution of at least 8x8.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES):
+    def __init__(self, num_classes: int = NUM_DIGITS + 1):
         super().__init__()
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
@@ -54,7 +65,7 @@ class DigitClassifier(nn.Module):
 
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 1, H, W) images -> the network's float input in [-1, 1]."""
+        """uint8 (N, 1, H, W) images -> the network's float input in [0, 1]."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(
                 f"The digit classifier reads uint8 greyscale (N, 1, H, W) images, got {images.dtype} "
@@ -62,11 +73,11 @@ class DigitClassifier(nn.Module):
             )
         if min(images.shape[-2:]) < 8:
             raise ValueError(f"The digit classifier needs images of at least 8x8, got {tuple(images.shape[-2:])}.")
-        return images.float() / 127.5 - 1.0
+        return images.float() / 255.0
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (N, 128), logits (N, classes)) of uint8 greyscale images."""
-        features = self.embed(self.body(self.prepare(images)))
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, 128), logits (N, 11)) of float (N, 1, H, W) images in [0, 1] (see `prepare`)."""
+        features = self.embed(self.body(pixels * 2.0 - 1.0))
         return features, self.head(features)
 
     @torch.no_grad()
@@ -75,7 +86,7 @@ class DigitClassifier(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        outputs = [self(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+        outputs = [self(self.prepare(images[i : i + batch_size]).to(device)) for i in range(0, len(images), batch_size)]
         self.train(was_training)
         return (torch.cat([f for f, _ in outputs]).double().cpu(), torch.cat([lg for _, lg in outputs]).double().cpu())
 
@@ -104,12 +115,37 @@ def labelled_images(dataset, resolution: int, description: str = "decoding") -> 
     return torch.cat(batches), torch.cat(labels).long()
 
 
+def non_digits(digits: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` float images in [0, 1] that are not digits, shaped like `digits` (float (N, 1, H, W) in [0, 1]):
+    a quarter each of uniform noise, blurred noise blobs, shuffled digit pixels and flat grey with faint noise."""
+    shape = (count, *digits.shape[1:])
+    uniform = torch.rand(shape, generator=generator)
+    blobs = F.avg_pool2d(torch.rand(shape, generator=generator), 5, stride=1, padding=2, count_include_pad=False)
+    low, high = blobs.amin((1, 2, 3), keepdim=True), blobs.amax((1, 2, 3), keepdim=True)
+    blobs = (blobs - low) / (high - low).clamp_min(1e-6)
+    sources = digits[torch.randint(len(digits), (count,), generator=generator)].flatten(1)
+    order = torch.argsort(torch.rand(sources.shape, generator=generator), dim=1)
+    shuffled = sources.gather(1, order).view(shape)
+    flat = (torch.rand((count, 1, 1, 1), generator=generator) + 0.05 * torch.randn(shape, generator=generator))
+    kind = torch.randint(4, (count, 1, 1, 1), generator=generator)
+    images = torch.where(kind == 0, uniform, torch.where(kind == 1, blobs, torch.where(kind == 2, shuffled, flat)))
+    return images.clamp(0, 1)
+
+
+def speckled(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Half of the digits (float in [0, 1]) with Gaussian speckle of a random std up to `MAX_SPECKLE_STD`."""
+    std = torch.rand((len(digits), 1, 1, 1), generator=generator) * MAX_SPECKLE_STD
+    std = std * (torch.rand((len(digits), 1, 1, 1), generator=generator) < 0.5)
+    return (digits + std * torch.randn(digits.shape, generator=generator)).clamp(0, 1)
+
+
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, recipe: ClassifierRecipe, device: str | torch.device = "cpu"
 ) -> DigitClassifier:
-    """Train a `DigitClassifier` with Adam and cross-entropy; the seed fixes the initialisation and the batch order."""
-    if int(labels.max()) >= NUM_CLASSES or int(labels.min()) < 0:
-        raise ValueError(f"Digit labels must lie in [0, {NUM_CLASSES}), got {int(labels.min())}..{int(labels.max())}.")
+    """Train a `DigitClassifier` with Adam and cross-entropy on the digits (half of them speckled) plus
+    `NON_DIGITS_PER_BATCH` generated non-digits per batch; the seed fixes the initialisation, order and noise."""
+    if int(labels.max()) >= NUM_DIGITS or int(labels.min()) < 0:
+        raise ValueError(f"Digit labels must lie in [0, {NUM_DIGITS}), got {int(labels.min())}..{int(labels.max())}.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = DigitClassifier().to(device)
@@ -122,8 +158,11 @@ def train_classifier(
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images), recipe.batch_size):
                 index = order[start : start + recipe.batch_size]
-                _, logits = model(images[index].to(device))
-                loss = F.cross_entropy(logits, labels[index].to(device))
+                digits = DigitClassifier.prepare(images[index])
+                pixels = torch.cat([speckled(digits, generator), non_digits(digits, NON_DIGITS_PER_BATCH, generator)])
+                targets = torch.cat([labels[index], torch.full((NON_DIGITS_PER_BATCH,), NOT_A_DIGIT)])
+                _, logits = model(pixels.to(device))
+                loss = F.cross_entropy(logits, targets.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -175,6 +214,6 @@ def _str(recipe: ClassifierRecipe) -> dict[str, str]:
 
 
 def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy on labelled images."""
+    """Top-1 accuracy on labelled digits (a digit put in the rejection class counts as wrong)."""
     _, logits = model.features_and_logits(images)
     return float(np.mean((logits.argmax(1) == labels).numpy()))

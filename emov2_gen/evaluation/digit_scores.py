@@ -4,12 +4,13 @@ in the classifier's own features (the "digit FD").
 Scored per set of uint8 greyscale samples with the `DigitClassifier` of `digit_classifier` (trained on the
 reference's training split):
 
-- `recognisable`: the share of samples whose top class has probability >= 0.9 (a reader would name the digit);
-- `confidence`: the mean top-class probability;
-- `effective_classes`: exp(entropy) of the mean predicted class distribution, 10 when the classes are balanced,
+- `recognisable`: the share of samples whose top digit has probability >= 0.9 (a reader would name the digit);
+- `not_a_digit`: the share the classifier puts in its rejection class (noise, blobs, scrambled strokes);
+- `confidence`: the mean top-digit probability;
+- `effective_classes`: exp(entropy) of the mean predicted digit distribution, 10 when the digits are balanced,
   1 when every sample is the same digit (mode collapse);
-- `digit_is`: the Inception Score computed from the classifier's logits (torch-fidelity's `isc_features_to_metric`,
-  10 splits), the classic MNIST sample score: high when samples are both recognisable and varied;
+- `digit_is`: the Inception Score computed from the classifier's ten digit logits (torch-fidelity's
+  `isc_features_to_metric`, 10 splits), the classic MNIST sample score: high when samples are confident and varied;
 - `digit_fd`: the Frechet distance between the classifier features of the samples and of N held-out reference
   images (torch-fidelity's FID statistics and distance, in the 128-d feature space instead of Inception's).
 
@@ -28,7 +29,7 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from .digit_classifier import ClassifierRecipe, accuracy, labelled_images, load_or_train_classifier
+from .digit_classifier import NOT_A_DIGIT, ClassifierRecipe, accuracy, labelled_images, load_or_train_classifier
 from .reference import ReferenceSet
 
 RECOGNISABLE_PROBABILITY = 0.9
@@ -44,6 +45,7 @@ class DigitScore:
     name: str
     num_images: int
     recognisable: float
+    not_a_digit: float
     confidence: float
     effective_classes: float
     digit_is: float
@@ -79,7 +81,7 @@ class DigitScorer:
         )
         self.recipe = recipe
         self.resolution = resolution
-        self.heldout_description = f"{heldout.description}, split {heldout_split!r}"
+        self.heldout_description = heldout.description
         images, labels = labelled_images(heldout.dataset, resolution, description="decoding held-out images")
         self.heldout_accuracy = accuracy(self.classifier, images, labels)
         self.reference_images, self.real_images = images[0::2], images[1::2]
@@ -96,15 +98,17 @@ class DigitScorer:
             raise ValueError(f"{name}: the digit scores need at least {MIN_IMAGES} images, got {len(images)}.")
         features, logits = self.classifier.features_and_logits(images)
         probabilities = logits.softmax(dim=1)
-        top = probabilities.max(dim=1).values
-        shares = probabilities.mean(dim=0)
+        digits = probabilities[:, :NOT_A_DIGIT]
+        top = digits.max(dim=1).values
+        shares = digits.mean(dim=0) / digits.mean(dim=0).sum()
         entropy = -(shares * shares.clamp_min(1e-12).log()).sum()
-        inception_score = isc_features_to_metric(logits, splits=IS_SPLITS)
+        inception_score = isc_features_to_metric(logits[:, :NOT_A_DIGIT], splits=IS_SPLITS)
         distance = fid_statistics_to_metric(self.reference_statistics, fid_features_to_statistics(features), False)
         return DigitScore(
             name=name,
             num_images=len(images),
             recognisable=float((top >= RECOGNISABLE_PROBABILITY).double().mean()),
+            not_a_digit=float((probabilities.argmax(dim=1) == NOT_A_DIGIT).double().mean()),
             confidence=float(top.mean()),
             effective_classes=math.exp(float(entropy)),
             digit_is=inception_score[KEY_METRIC_ISC_MEAN],
