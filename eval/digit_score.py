@@ -13,7 +13,8 @@ or, on samples saved by `eval/fid.py --samples_only` (the same seeds give the sa
     python eval/digit_score.py --samples OUT/samples/*.pt --reference ../shared/data/mnist --output_dir OUT/digits
 
 Writes OUTPUT_DIR/report.json and report.md (and, with --model_dirs, the samples as OUTPUT_DIR/samples/<model>.pt)
-and prints the table, whose first row is real held-out images.
+and prints the table, whose first row is real held-out images; `--anchors` adds uniform noise and the real images
+with speckle noise, to show what a noisy background does to each score.
 """
 
 import argparse
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--cache_dir", default=None, help="Classifier cache (default: OUTPUT_DIR/digit_classifier).")
+    parser.add_argument(
+        "--anchors", action="store_true", help="Also score uniform noise and the real row with speckle: the scales."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -112,7 +116,9 @@ def main(argv=None) -> None:
         recipe=ClassifierRecipe(epochs=args.classifier_epochs, num_images=args.classifier_images),
         device=args.device,
     )
-    scores = [scorer.score_real()] + [scorer.score(s.info.name, s.images) for s in samples]
+    anchors = scorer.anchor_images(seed=args.seed) if args.anchors else {}
+    scores = [scorer.score_real()] + [scorer.score(name, images) for name, images in anchors.items()]
+    scores += [scorer.score(s.info.name, s.images) for s in samples]
 
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {

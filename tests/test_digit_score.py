@@ -62,16 +62,16 @@ def test_real_digits_score_far_better_than_their_own_pixels_shuffled(scorer):
 def test_noise_and_blank_images_are_not_digits_but_speckled_digits_still_are(scorer):
     # A classifier of digits alone calls uniform noise a confident "8"; the rejection class must catch it, while
     # a digit on a speckled background (the baseline's failure mode) keeps its class.
-    generator = torch.Generator().manual_seed(1)
-    real = scorer.real_images
-    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=generator)
-    speckle = 0.15 * 255 * torch.randn(real.shape, generator=generator)
-    speckled_digits = (real.float() + speckle).clamp(0, 255).round().to(torch.uint8)
-    for name, images in (("noise", noise), ("blank", torch.zeros_like(real))):
+    anchors = scorer.anchor_images(seed=1)
+    assert list(anchors) == ["uniform noise"] + [f"real images + speckle std {std}" for std in (0.1, 0.2, 0.3)]
+    for name, images in (("noise", anchors["uniform noise"]), ("blank", torch.zeros_like(scorer.real_images))):
         score = scorer.score(name, images)
         assert score.not_a_digit > 0.9 and score.recognisable < 0.05, name
-    real_score, speckled_score = scorer.score_real(), scorer.score("speckled", speckled_digits)
-    assert speckled_score.not_a_digit < 0.1 and speckled_score.recognisable > 0.8 * real_score.recognisable
+    real = scorer.score_real()
+    speckled = [scorer.score(name, images) for name, images in list(anchors.items())[1:]]
+    assert speckled[0].not_a_digit < 0.1 and speckled[0].recognisable > 0.8 * real.recognisable
+    fds = [real.digit_fd] + [score.digit_fd for score in speckled]
+    assert fds == sorted(fds)  # more speckle, further from the real digits
 
 
 def test_the_reference_half_is_at_distance_zero_from_itself(scorer):
@@ -149,7 +149,7 @@ def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(on
     common = ["--reference", str(mnist_dir), "--classifier_epochs", "2", "--classifier_images", "4000",
               "--cache_dir", str(cache_dir)]  # fmt: skip
     sampling = ["--num_samples", str(MIN_IMAGES), "--num_inference_steps", "2", "--seed", "1"]
-    script.main(["--model_dirs", str(model_dir), *sampling, *common, "--output_dir", str(tmp_path / "a")])
+    script.main(["--model_dirs", str(model_dir), *sampling, *common, "--anchors", "--output_dir", str(tmp_path / "a")])
 
     settings = FIDSettings(reference="unused", cache_dir=tmp_path, num_samples=MIN_IMAGES, num_inference_steps=2, seed=1)
     (samples,) = sample_models([str(model_dir)], settings)
@@ -157,14 +157,17 @@ def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(on
     script.main(["--samples", str(samples_file), *common, "--output_dir", str(tmp_path / "b")])
 
     reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("a", "b")]
+    names = [row["name"] for row in reports[0]["models"]]
+    assert names[0] == REAL_ROW and names[1] == "uniform noise" and names[-1] == "emov2-tiny" and len(names) == 6
+    assert [row["name"] for row in reports[1]["models"]] == [REAL_ROW, "emov2-tiny"]
     for report in reports:
-        assert [row["name"] for row in report["models"]] == [REAL_ROW, "emov2-tiny"]
         assert report["classifier"]["heldout_accuracy"] > 0.9
-        untrained, real = report["models"][1], report["models"][0]
+        real, untrained = report["models"][0], report["models"][-1]
         assert untrained["digit_fd"] > real["digit_fd"]
-    assert reports[0]["models"] == reports[1]["models"]  # same seeds: the same samples and scores either way
+    assert reports[0]["models"][-1] == reports[1]["models"][-1]  # same seeds: the same samples and scores either way
+    assert (tmp_path / "a" / "samples" / "emov2-tiny.pt").is_file()
     table = [line for line in (tmp_path / "a" / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 3 and table[1].startswith(f"| {REAL_ROW}")
+    assert len(table) == 7 and table[1].startswith(f"| {REAL_ROW}")
 
 
 def test_script_needs_a_source_and_a_reference(tmp_path):
