@@ -59,17 +59,20 @@ def test_real_digits_score_far_better_than_their_own_pixels_shuffled(scorer):
     assert sum(real.class_shares) == pytest.approx(1, abs=1e-3)
 
 
-def test_noise_and_blank_images_are_not_digits_but_speckled_digits_still_are(scorer):
+def test_noise_and_blank_images_are_not_digits_but_digits_on_noisy_backgrounds_still_are(scorer):
     # A classifier of digits alone calls uniform noise a confident "8"; the rejection class must catch it, while
-    # a digit on a speckled background (the baseline's failure mode) keeps its class.
+    # a digit on a speckled or grey background (the baseline's failure modes) keeps its class.
     anchors = scorer.anchor_images(seed=1)
-    assert list(anchors) == ["uniform noise"] + [f"real images + speckle std {std}" for std in (0.1, 0.2, 0.3)]
+    speckled_names = [f"real images + speckle std {std}" for std in (0.1, 0.2, 0.3)]
+    assert list(anchors) == ["uniform noise", *speckled_names, "real images on grey 0.3"]
     for name, images in (("noise", anchors["uniform noise"]), ("blank", torch.zeros_like(scorer.real_images))):
         score = scorer.score(name, images)
         assert score.not_a_digit > 0.9 and score.recognisable < 0.05, name
     real = scorer.score_real()
-    speckled = [scorer.score(name, images) for name, images in list(anchors.items())[1:]]
+    speckled = [scorer.score(name, anchors[name]) for name in speckled_names]
     assert speckled[0].not_a_digit < 0.1 and speckled[0].recognisable > 0.8 * real.recognisable
+    on_grey = scorer.score("grey", anchors["real images on grey 0.3"])
+    assert on_grey.not_a_digit < 0.1 and on_grey.recognisable > 0.8 * real.recognisable
     fds = [real.digit_fd] + [score.digit_fd for score in speckled]
     assert fds == sorted(fds)  # more speckle, further from the real digits
 
@@ -158,7 +161,7 @@ def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(on
 
     reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("a", "b")]
     names = [row["name"] for row in reports[0]["models"]]
-    assert names[0] == REAL_ROW and names[1] == "uniform noise" and names[-1] == "emov2-tiny" and len(names) == 6
+    assert names[0] == REAL_ROW and names[1] == "uniform noise" and names[-1] == "emov2-tiny" and len(names) == 7
     assert [row["name"] for row in reports[1]["models"]] == [REAL_ROW, "emov2-tiny"]
     for report in reports:
         assert report["classifier"]["heldout_accuracy"] > 0.9
@@ -167,7 +170,7 @@ def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(on
     assert reports[0]["models"][-1] == reports[1]["models"][-1]  # same seeds: the same samples and scores either way
     assert (tmp_path / "a" / "samples" / "emov2-tiny.pt").is_file()
     table = [line for line in (tmp_path / "a" / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == 7 and table[1].startswith(f"| {REAL_ROW}")
+    assert len(table) == 8 and table[1].startswith(f"| {REAL_ROW}")
 
 
 def test_script_needs_a_source_and_a_reference(tmp_path):

@@ -9,9 +9,9 @@ distance is computed in, as FID is in Inception's pool3 features.
 Besides the ten digits it has an eleventh class, "not a digit", because a classifier trained on digits alone is
 confidently wrong off the data: uniform noise reads as a 99.99% "8", and a sample that failed to become a digit
 would count as a recognised one. The rejection class is trained on non-digits made on the fly (uniform noise,
-blurred noise blobs, a digit's own pixels shuffled, flat grey images), and the digits are trained with speckle noise
-added to half of them, so that a recognisable digit on a noisy background still counts as a digit: the scores
-judge the shape, not the background (FID judges that already).
+blurred noise blobs, a digit's own pixels shuffled, flat grey images), and half of the digits are trained on a grey,
+speckled background, so that a recognisable digit on a noisy background still counts as a digit: the scores judge
+the shape, not the background (FID judges that already).
 
 `load_or_train_classifier` trains it once per (reference, split, resolution, recipe) on the reference's labelled
 training images, preprocessed exactly as the FID reference images are (centre crop, the model's resolution, uint8
@@ -40,8 +40,9 @@ NUM_DIGITS = 10
 NOT_A_DIGIT = NUM_DIGITS  # the rejection class's index
 FEATURE_DIM = 128
 MAX_SPECKLE_STD = 0.25  # speckle on training digits: Gaussian, std up to this, on the [0, 1] scale
+MAX_BACKGROUND = 0.4  # grey background under training digits: level up to this
 NON_DIGITS_PER_BATCH = 16
-CLASSIFIER_VERSION = 2  # bump when the architecture or the recipe changes: old cache files are then not reused
+CLASSIFIER_VERSION = 3  # bump when the architecture or the recipe changes: old cache files are then not reused
 
 
 class DigitClassifier(nn.Module):
@@ -132,17 +133,20 @@ def non_digits(digits: torch.Tensor, count: int, generator: torch.Generator) -> 
     return images.clamp(0, 1)
 
 
-def speckled(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Half of the digits (float in [0, 1]) with Gaussian speckle of a random std up to `MAX_SPECKLE_STD`."""
-    std = torch.rand((len(digits), 1, 1, 1), generator=generator) * MAX_SPECKLE_STD
-    std = std * (torch.rand((len(digits), 1, 1, 1), generator=generator) < 0.5)
-    return (digits + std * torch.randn(digits.shape, generator=generator)).clamp(0, 1)
+def on_noisy_backgrounds(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Half of the digits (float in [0, 1]) lifted onto a grey background (level up to `MAX_BACKGROUND`) with
+    Gaussian speckle (std up to `MAX_SPECKLE_STD`), the other half as they are."""
+    shape = (len(digits), 1, 1, 1)
+    noisy = torch.rand(shape, generator=generator) < 0.5
+    level = torch.rand(shape, generator=generator) * MAX_BACKGROUND * noisy
+    std = torch.rand(shape, generator=generator) * MAX_SPECKLE_STD * noisy
+    return (level + (1 - level) * digits + std * torch.randn(digits.shape, generator=generator)).clamp(0, 1)
 
 
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, recipe: ClassifierRecipe, device: str | torch.device = "cpu"
 ) -> DigitClassifier:
-    """Train a `DigitClassifier` with Adam and cross-entropy on the digits (half of them speckled) plus
+    """Train a `DigitClassifier` with Adam and cross-entropy on the digits (half on noisy backgrounds) plus
     `NON_DIGITS_PER_BATCH` generated non-digits per batch; the seed fixes the initialisation, order and noise."""
     if int(labels.max()) >= NUM_DIGITS or int(labels.min()) < 0:
         raise ValueError(f"Digit labels must lie in [0, {NUM_DIGITS}), got {int(labels.min())}..{int(labels.max())}.")
@@ -159,7 +163,7 @@ def train_classifier(
             for start in range(0, len(images), recipe.batch_size):
                 index = order[start : start + recipe.batch_size]
                 digits = DigitClassifier.prepare(images[index])
-                pixels = torch.cat([speckled(digits, generator), non_digits(digits, NON_DIGITS_PER_BATCH, generator)])
+                pixels = torch.cat([on_noisy_backgrounds(digits, generator), non_digits(digits, NON_DIGITS_PER_BATCH, generator)])
                 targets = torch.cat([labels[index], torch.full((NON_DIGITS_PER_BATCH,), NOT_A_DIGIT)])
                 _, logits = model(pixels.to(device))
                 loss = F.cross_entropy(logits, targets.to(device))

@@ -37,6 +37,7 @@ IS_SPLITS = 10
 MIN_IMAGES = IS_SPLITS * 2  # every Inception Score split needs at least two images
 REAL_ROW = "real images (held-out split)"
 ANCHOR_SPECKLE_STDS = (0.1, 0.2, 0.3)  # on the [0, 1] scale
+ANCHOR_BACKGROUND = 0.3
 
 
 @dataclass
@@ -123,12 +124,14 @@ class DigitScorer:
         return self.score(REAL_ROW, self.real_images)
 
     def anchor_images(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Sets that show each score's scale: uniform noise (no digit at all) and the real row with Gaussian speckle
-        of growing std (the same digits on a noisier background), uint8 like samples."""
+        """Sets that show each score's scale: uniform noise (no digit at all), the real row with Gaussian speckle of
+        growing std and the real row on a grey background (the same digits on other backgrounds), uint8 like samples."""
         generator = torch.Generator().manual_seed(seed)
         real = self.real_images
         anchors = {"uniform noise": torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=generator)}
         for std in ANCHOR_SPECKLE_STDS:
             speckle = std * 255 * torch.randn(real.shape, generator=generator)
             anchors[f"real images + speckle std {std:g}"] = (real.float() + speckle).clamp(0, 255).round().byte()
+        grey = ANCHOR_BACKGROUND * 255 + (1 - ANCHOR_BACKGROUND) * real.float()
+        anchors[f"real images on grey {ANCHOR_BACKGROUND:g}"] = grey.round().byte()
         return anchors
