@@ -23,29 +23,19 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from emov2_gen.evaluation.benchmark import markdown_table
 from emov2_gen.evaluation.digit_classifier import ClassifierRecipe
 from emov2_gen.evaluation.digit_scores import RECOGNISABLE_PROBABILITY, DigitScore, DigitScorer
-from emov2_gen.evaluation.fid import FIDSettings, ModelSamples, common_sampling, sample_models
-from emov2_gen.evaluation.sampling import SCHEDULERS
+from emov2_gen.evaluation.fid import FIDSettings, ModelSamples, add_sample_arguments, common_sampling, sample_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model_dirs", nargs="+", help="Saved diffusers pipeline folders.")
-    source.add_argument("--samples", nargs="+", help="Samples files written by eval/fid.py --samples_only.")
+    add_sample_arguments(parser)
     parser.add_argument("--reference", required=True, help="Labelled digits: a local `datasets` directory or hub name.")
     parser.add_argument("--train_split", default="train", help="The split the classifier is trained on.")
     parser.add_argument("--heldout_split", default="test", help="The split of the FD reference and the real row.")
-    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model (with --model_dirs).")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    parser.add_argument("--seed", type=int, default=0, help="The same seed gives every model the same noise.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Sampling batch size.")
-    parser.add_argument("--class_conditional", action="store_true", help="Sample with balanced labels.")
     parser.add_argument("--classifier_epochs", type=int, default=ClassifierRecipe.epochs)
     parser.add_argument(
         "--classifier_images", type=int, default=ClassifierRecipe.num_images, help="Training images (a fixed subset)."
@@ -55,7 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--anchors", action="store_true", help="Also score uniform noise and the real row with speckle: the scales."
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
@@ -88,18 +77,7 @@ def main(argv=None) -> None:
     if args.samples:
         samples = [ModelSamples.load(path) for path in args.samples]
     else:
-        settings = FIDSettings(
-            reference=args.reference,
-            cache_dir=output_dir,
-            num_samples=args.num_samples,
-            num_inference_steps=args.num_inference_steps,
-            scheduler=args.scheduler,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            class_conditional=args.class_conditional,
-            device=args.device,
-        )
-        samples = sample_models(args.model_dirs, settings)
+        samples = sample_models(args.model_dirs, FIDSettings.from_args(args, cache_dir=output_dir))
         for model_samples in samples:  # kept, so that another classifier can score them with --samples
             model_samples.save(output_dir / "samples" / f"{model_samples.info.name}.pt")
     sampling = common_sampling(samples)

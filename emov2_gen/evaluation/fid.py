@@ -16,6 +16,7 @@ features of Kynkäänniemi et al. The Inception Score is not computed: the offli
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import re
 import time
@@ -32,7 +33,7 @@ from .folder_names import folder_names
 from .inception import InceptionWeights, resolve_inception_weights
 from .inception_inputs import ImageTensorDataset
 from .reference import ReferenceImages, ReferenceSet
-from .sampling import generate_images, load_pipeline, sample_resolution
+from .sampling import SCHEDULERS, generate_images, load_pipeline, sample_resolution
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 KID_MAX_SUBSET_SIZE = 1000
@@ -60,6 +61,32 @@ class FIDSettings:
     device: str = "cpu"
     inception_weights: Optional[str] = None
     verbose: bool = True
+
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cache_dir: str | Path, **fields: Any) -> FIDSettings:
+        """Settings from the flags of `add_sample_arguments` (plus `args.reference`), `fields` for the rest."""
+        shared = ("reference", *SAMPLING_SETTINGS, "batch_size", "device")
+        return cls(cache_dir=Path(cache_dir), **{name: getattr(args, name) for name in shared}, **fields)
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every script that scores samples: where they come from (--model_dirs draws them, --samples reads
+    files saved by `ModelSamples.save`) and how they are drawn (the same per-sample seeds for every model)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_dirs", nargs="+", help="Saved diffusers pipeline folders.")
+    source.add_argument(
+        "--samples", nargs="+", help="Samples files from eval/fid.py --samples_only, scored without re-sampling."
+    )
+    parser.add_argument("--num_samples", type=int, default=1000, help="Samples per model (FID: and reference images).")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--seed", type=int, default=0, help="The same seed gives every model the same noise.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Batch size for sampling and for scoring.")
+    parser.add_argument(
+        "--class_conditional", action="store_true", help="Sample class-conditional models with balanced labels."
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
