@@ -24,7 +24,6 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -127,7 +126,7 @@ def non_digits(digits: torch.Tensor, count: int, generator: torch.Generator) -> 
     sources = digits[torch.randint(len(digits), (count,), generator=generator)].flatten(1)
     order = torch.argsort(torch.rand(sources.shape, generator=generator), dim=1)
     shuffled = sources.gather(1, order).view(shape)
-    flat = (torch.rand((count, 1, 1, 1), generator=generator) + 0.05 * torch.randn(shape, generator=generator))
+    flat = torch.rand((count, 1, 1, 1), generator=generator) + 0.05 * torch.randn(shape, generator=generator)
     kind = torch.randint(4, (count, 1, 1, 1), generator=generator)
     images = torch.where(kind == 0, uniform, torch.where(kind == 1, blobs, torch.where(kind == 2, shuffled, flat)))
     return images.clamp(0, 1)
@@ -163,7 +162,8 @@ def train_classifier(
             for start in range(0, len(images), recipe.batch_size):
                 index = order[start : start + recipe.batch_size]
                 digits = DigitClassifier.prepare(images[index])
-                pixels = torch.cat([on_noisy_backgrounds(digits, generator), non_digits(digits, NON_DIGITS_PER_BATCH, generator)])
+                negatives = non_digits(digits, NON_DIGITS_PER_BATCH, generator)
+                pixels = torch.cat([on_noisy_backgrounds(digits, generator), negatives])
                 targets = torch.cat([labels[index], torch.full((NON_DIGITS_PER_BATCH,), NOT_A_DIGIT)])
                 _, logits = model(pixels.to(device))
                 loss = F.cross_entropy(logits, targets.to(device))
@@ -215,9 +215,3 @@ def load_or_train_classifier(
 
 def _str(recipe: ClassifierRecipe) -> dict[str, str]:
     return {name: str(value) for name, value in asdict(recipe).items()}
-
-
-def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy on labelled digits (a digit put in the rejection class counts as wrong)."""
-    _, logits = model.features_and_logits(images)
-    return float(np.mean((logits.argmax(1) == labels).numpy()))

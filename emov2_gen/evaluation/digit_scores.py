@@ -29,7 +29,7 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from .digit_classifier import NOT_A_DIGIT, ClassifierRecipe, accuracy, labelled_images, load_or_train_classifier
+from .digit_classifier import NOT_A_DIGIT, ClassifierRecipe, labelled_images, load_or_train_classifier
 from .reference import ReferenceSet
 
 RECOGNISABLE_PROBABILITY = 0.9
@@ -85,10 +85,10 @@ class DigitScorer:
         self.resolution = resolution
         self.heldout_description = heldout.description
         images, labels = labelled_images(heldout.dataset, resolution, description="decoding held-out images")
-        self.heldout_accuracy = accuracy(self.classifier, images, labels)
+        features, logits = self.classifier.features_and_logits(images)  # one pass over both halves
+        self.heldout_accuracy = float((logits.argmax(dim=1) == labels).double().mean())
         self.reference_images, self.real_images = images[0::2], images[1::2]
-        features, _ = self.classifier.features_and_logits(self.reference_images)
-        self.reference_statistics = fid_features_to_statistics(features)
+        self.reference_statistics = fid_features_to_statistics(features[0::2])
 
     def score(self, name: str, images: torch.Tensor) -> DigitScore:
         """The digit scores of uint8 (N, 1, H, W) samples at the scorer's resolution."""
@@ -102,7 +102,8 @@ class DigitScorer:
         probabilities = logits.softmax(dim=1)
         digits = probabilities[:, :NOT_A_DIGIT]
         top = digits.max(dim=1).values
-        shares = digits.mean(dim=0) / digits.mean(dim=0).sum()
+        shares = digits.mean(dim=0)
+        shares = shares / shares.sum()
         entropy = -(shares * shares.clamp_min(1e-12).log()).sum()
         inception_score = isc_features_to_metric(logits[:, :NOT_A_DIGIT], splits=IS_SPLITS)
         distance = fid_statistics_to_metric(self.reference_statistics, fid_features_to_statistics(features), False)
