@@ -143,7 +143,9 @@ def test_the_classifier_rejects_maps_smaller_than_its_pooling():
 # --- the script ------------------------------------------------------------------------------------------------------
 
 
-def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(one_thread, tmp_path, mnist_dir, cache_dir):
+def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(
+    one_thread, tmp_path, mnist_dir, cache_dir
+):
     torch.manual_seed(0)
     model_dir = tmp_path / "emov2-tiny"
     unet = build_denoiser("emov2-1m", sample_size=16, in_channels=1, layers_per_block=1)
@@ -154,7 +156,9 @@ def test_script_scores_models_and_saved_samples_alike_with_the_real_row_first(on
     sampling = ["--num_samples", str(MIN_IMAGES), "--num_inference_steps", "2", "--seed", "1"]
     script.main(["--model_dirs", str(model_dir), *sampling, *common, "--anchors", "--output_dir", str(tmp_path / "a")])
 
-    settings = FIDSettings(reference="unused", cache_dir=tmp_path, num_samples=MIN_IMAGES, num_inference_steps=2, seed=1)
+    settings = FIDSettings(
+        reference="unused", cache_dir=tmp_path, num_samples=MIN_IMAGES, num_inference_steps=2, seed=1
+    )
     (samples,) = sample_models([str(model_dir)], settings)
     samples_file = samples.save(tmp_path / "samples" / "emov2-tiny.pt")
     script.main(["--samples", str(samples_file), *common, "--output_dir", str(tmp_path / "b")])
