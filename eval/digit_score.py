@@ -77,9 +77,8 @@ def main(argv=None) -> None:
     if args.samples:
         samples = [ModelSamples.load(path) for path in args.samples]
     else:
-        samples = sample_models(args.model_dirs, FIDSettings.from_args(args, cache_dir=output_dir))
-        for model_samples in samples:  # kept, so that another classifier can score them with --samples
-            model_samples.save(output_dir / "samples" / f"{model_samples.info.name}.pt")
+        settings = FIDSettings.from_args(args, cache_dir=output_dir)
+        samples = sample_models(args.model_dirs, settings, save_dir=output_dir / "samples")  # for a rescoring
     sampling = common_sampling(samples)
     resolutions = {tuple(s.info.resolution) for s in samples}
     if len(resolutions) != 1 or len(set(next(iter(resolutions)))) != 1:

@@ -4,7 +4,9 @@ r"""Compare saved diffusion models by FID/KID/precision/recall against a referen
     python eval/fid.py --model_dirs runs/emov2-5m runs/unet2d-5m --reference ../shared/data/mnist --split train \
         --num_samples 1000 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir outputs/fid
 
-Writes OUTPUT_DIR/report.json, report.md, samples_<model>.png and fid_vs_cost.png, and prints the table.
+Writes OUTPUT_DIR/report.json, report.md, samples_<model>.png and fid_vs_cost.png, and prints the table. The
+samples it draws are kept as OUTPUT_DIR/samples/<model>.pt, for other scores of the same images (e.g.
+`eval/digit_score.py --samples`).
 
 Sampling and scoring can run on different machines (e.g. sample on a GPU node without the Inception weights):
 
@@ -66,17 +68,18 @@ def main(argv=None) -> None:
     cache_dir = args.cache_dir or Path(args.output_dir) / "fidelity_cache"
     settings = FIDSettings.from_args(args, cache_dir, split=args.split, inception_weights=args.inception_weights)
     output_dir = Path(args.output_dir)
+    samples_dir = output_dir / "samples"
     if args.samples_only:
-        for samples in sample_models(args.model_dirs, settings):
-            path = samples.save(output_dir / "samples" / f"{samples.info.name}.pt")
+        for samples in sample_models(args.model_dirs, settings, save_dir=samples_dir):
             save_sample_grid(samples.images, output_dir / sample_grid_name(samples.info.name))
             print(f"{samples.info.name}: {samples.info.num_samples} samples, "
-                  f"{samples.info.seconds_per_image:.4f} s/image on {samples.info.device} -> {path}")  # fmt: skip
+                  f"{samples.info.seconds_per_image:.4f} s/image on {samples.info.device} -> "
+                  f"{samples_dir / samples.info.name}.pt")  # fmt: skip
         return
     if args.samples:
         evaluation = score_models([ModelSamples.load(path) for path in args.samples], settings)
     else:
-        evaluation = evaluate_models(args.model_dirs, settings)
+        evaluation = evaluate_models(args.model_dirs, settings, save_dir=samples_dir)
     paths = write_reports(evaluation, output_dir)
     print(scores_table(evaluation.scores))
     print(f"\nInception weights: {evaluation.weights.description}")

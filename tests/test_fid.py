@@ -244,6 +244,8 @@ def test_cli_reports_models_side_by_side_and_the_same_seed_reproduces_samples_an
         assert models["unet2d-tiny-0"][key] == models["unet2d-tiny-2"][key]
     first_grid, second_grid = (output / models[name]["sample_grid"] for name in ("unet2d-tiny-0", "unet2d-tiny-2"))
     assert first_grid.read_bytes() == second_grid.read_bytes()
+    kept = sorted(path.name for path in (output / "samples").glob("*.pt"))  # for other scores of the same images
+    assert kept == ["emov2-tiny.pt", "unet2d-tiny-0.pt", "unet2d-tiny-2.pt"]
 
     assert (output / "fid_vs_cost.png").stat().st_size > 0
     assert len(list((output / "fidelity_cache").iterdir())) == 2  # one reference: features + FID statistics
@@ -276,7 +278,9 @@ def test_samples_saved_by_samples_only_score_exactly_as_a_one_step_run(tmp_path,
 
     settings = FIDSettings(reference=str(mnist_dir), split="test", cache_dir=tmp_path / "cache", num_samples=8,
                            num_inference_steps=2, scheduler="ddpm", seed=5, verbose=False)  # fmt: skip
-    one_step = {score.name: score for score in evaluate_models(dirs, settings).scores}
+    one_step = {score.name: score for score in evaluate_models(dirs, settings, save_dir=tmp_path / "kept").scores}
+    for drawn in files:  # a one-step run keeps the very images that --samples_only saves
+        assert torch.equal(ModelSamples.load(tmp_path / "kept" / drawn.name).images, ModelSamples.load(drawn).images)
     for model in scored["models"]:
         reference = one_step[model["name"]]
         assert model["num_samples"] == model["num_reference"] == 8 and model["sampler"] == "DDPMScheduler"

@@ -302,8 +302,13 @@ def score_samples(
     )
 
 
-def sample_models(model_dirs: list[str], settings: FIDSettings) -> list[ModelSamples]:
-    """Sample every model folder with the same settings (no scoring: no reference or Inception weights needed)."""
+def sample_models(
+    model_dirs: list[str], settings: FIDSettings, save_dir: Optional[str | Path] = None
+) -> list[ModelSamples]:
+    """Sample every model folder with the same settings (no scoring: no reference or Inception weights needed).
+
+    With `save_dir`, each model's samples are saved as `save_dir/<name>.pt` as soon as they are drawn, so that
+    another metric (`eval/digit_score.py --samples`) or machine can score the very same images later."""
     if not model_dirs:
         raise ValueError("Give at least one model directory.")
     missing = [d for d in model_dirs if not Path(d).is_dir()]
@@ -311,7 +316,12 @@ def sample_models(model_dirs: list[str], settings: FIDSettings) -> list[ModelSam
         raise FileNotFoundError(f"Model directories not found: {', '.join(missing)}.")
     if settings.num_samples < MIN_SAMPLES:
         raise ValueError(f"num_samples must be at least {MIN_SAMPLES}, got {settings.num_samples}.")
-    return [sample_model(d, name, settings) for d, name in zip(model_dirs, folder_names(model_dirs))]
+    drawn = []
+    for model_dir, name in zip(model_dirs, folder_names(model_dirs)):
+        drawn.append(sample_model(model_dir, name, settings))
+        if save_dir is not None:
+            drawn[-1].save(Path(save_dir) / f"{name}.pt")
+    return drawn
 
 
 def _scoring_inputs(settings: FIDSettings) -> tuple[ReferenceSet, InceptionWeights]:
@@ -357,7 +367,10 @@ def _score_all(
     return evaluation
 
 
-def evaluate_models(model_dirs: list[str], settings: FIDSettings) -> FIDEvaluation:
-    """Sample and score every model folder with the same settings, reference subset and Inception weights."""
+def evaluate_models(
+    model_dirs: list[str], settings: FIDSettings, save_dir: Optional[str | Path] = None
+) -> FIDEvaluation:
+    """Sample and score every model folder with the same settings, reference subset and Inception weights (the
+    samples saved under `save_dir` if given, as `sample_models` does)."""
     scoring = _scoring_inputs(settings)
-    return _score_all(sample_models(model_dirs, settings), settings, *scoring)
+    return _score_all(sample_models(model_dirs, settings, save_dir), settings, *scoring)
