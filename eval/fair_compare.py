@@ -11,7 +11,8 @@
 2. Select: each model's rate is the one with the lowest final held-out loss of its EMA weights (what is sampled).
    The sweep's runs are full-length, so the selected run is the final run (no short-horizon bias).
 3. Score: `eval/fid.py` samples the selected runs with the same per-sample seeds and scores FID/KID/precision/
-   recall at one N against the training split (`--num_samples 0` skips it).
+   recall at one N against the training split (`--num_samples 0` skips it); with `--digit_scores`,
+   `eval/digit_score.py` judges the same samples with a digit classifier (recognisable share, digit FD).
 4. Time: each model's seconds per optimiser step of `train/train_ddpm.py` itself (its logged training clock, which
    leaves evaluation out), from short runs made one at a time after the sweep, models in turn, the fastest of
    `--timing_repeats`. This sets the equal-time axis: it counts what a real training step costs (data loading, noise,
@@ -44,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ from matplotlib.figure import Figure
 from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.data.training_images import image_channels, num_classes
 from emov2_gen.evaluation.benchmark import NullClassDenoiser, peak_memory_mib
+from emov2_gen.evaluation.digit_scores import RECOGNISABLE_PROBABILITY
 from emov2_gen.evaluation.flops import count_gflops
+from emov2_gen.evaluation.folder_names import folder_names
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
 from emov2_gen.evaluation.training_logs import read_scalars
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
@@ -61,6 +64,7 @@ from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT, FID_SCRIPT = REPO / "train" / "train_ddpm.py", REPO / "eval" / "fid.py"
+DIGIT_SCORE_SCRIPT = REPO / "eval" / "digit_score.py"
 SELECTION_TAG = "heldout_loss_ema"  # the EMA weights are what the saved pipeline samples
 DIVERGED = ".diverged"  # marks a run that train_ddpm.py stopped on a non-finite loss
 
@@ -120,6 +124,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     scoring.add_argument("--num_samples", type=int, default=1000, help="Samples per model and reference images; 0 skips FID.")
     scoring.add_argument("--num_inference_steps", type=int, default=50)
     scoring.add_argument("--fid_args", type=str, default="", help='Further eval/fid.py flags, e.g. "--inception-weights W".')
+    scoring.add_argument("--digit_scores", action="store_true",
+                         help="Also score FID's samples with eval/digit_score.py (digit datasets such as MNIST): the "
+                              "recognisable share and digit FD of the very same images.")
+    scoring.add_argument("--digit_args", type=str, default="",
+                         help='Further eval/digit_score.py flags, e.g. "--classifier_epochs 1".')
     timing = parser.add_argument_group("equal-time axis (timing runs of train_ddpm.py, one at a time)")
     timing.add_argument("--timing_steps", type=int, default=300, help="Steps timed per timing run.")
     timing.add_argument("--timing_warmup_steps", type=int, default=20,
@@ -136,6 +145,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if len(set(labels)) != len(labels):
         raise ValueError(f"Two models share a label: {labels}.")
     args.learning_rates = check_sweep(args.learning_rates)
+    if args.digit_scores and not args.num_samples:
+        parser.error("--digit_scores scores FID's samples: give --num_samples > 0.")
     for name in ("resolution", "train_batch_size", "max_train_steps", "heldout_steps", "timing_steps",
                  "timing_warmup_steps", "timing_repeats", "jobs", "threads"):
         if getattr(args, name) < 1:
@@ -337,25 +348,48 @@ def add_equal_time_runs(args: argparse.Namespace, selection: dict[str, Any], cha
 
 def fid_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dict[str, Any]]:
     """FID/KID/precision/recall of the given runs, all sampled and scored together by eval/fid.py (reused while
+    the same runs are asked for and their samples are kept), by resolved run directory."""
+    fid_dir, dirs = Path(args.output_dir) / "fid", sorted(set(run_dirs))
+    command = [sys.executable, str(FID_SCRIPT), "--model_dirs", *dirs, "--reference", args.dataset_name,
+               "--split", "train", "--num_samples", str(args.num_samples), "--num_inference_steps",
+               str(args.num_inference_steps), "--scheduler", "ddim", "--seed", str(args.seed),
+               "--output_dir", str(fid_dir), *(["--class_conditional"] if args.class_conditional else []),
+               *args.fid_args.split()]
+    report = run_unless_reported(fid_dir / "report.json", dirs, lambda r: [row["path"] for row in r["models"]],
+                                 command, args.threads * args.jobs, needs=samples_files(args, dirs))
+    return {row["path"]: row for row in report["models"]}
+
+
+def digit_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dict[str, Any]]:
+    """The digit scores (eval/digit_score.py) of the very samples `fid_scores` drew for the given runs (reused while
     the same runs are asked for), by resolved run directory."""
-    fid_dir = Path(args.output_dir) / "fid"
-    report = fid_dir / "report.json"
-    dirs = sorted(set(run_dirs))
-    if not report.is_file() or sorted(row["path"] for row in json.loads(report.read_text())["models"]) != sorted(
-        str(Path(d).resolve()) for d in dirs
-    ):
-        command = [sys.executable, str(FID_SCRIPT), "--model_dirs", *dirs, "--reference", args.dataset_name,
-                   "--split", "train", "--num_samples", str(args.num_samples), "--num_inference_steps",
-                   str(args.num_inference_steps), "--scheduler", "ddim", "--seed", str(args.seed),
-                   "--output_dir", str(fid_dir), *(["--class_conditional"] if args.class_conditional else []),
-                   *args.fid_args.split()]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads * args.jobs)}
-        subprocess.run(command, cwd=REPO, env=env, check=True)
-    return {row["path"]: row for row in json.loads(report.read_text())["models"]}
+    digit_dir, dirs = Path(args.output_dir) / "digits", sorted(set(run_dirs))
+    command = [sys.executable, str(DIGIT_SCORE_SCRIPT), "--samples", *map(str, samples_files(args, dirs)),
+               "--reference", args.dataset_name, "--output_dir", str(digit_dir), *args.digit_args.split()]
+    report = run_unless_reported(digit_dir / "report.json", dirs, lambda r: list(r["samples"].values()), command,
+                                 args.threads * args.jobs)
+    rows = {row["name"]: row for row in report["models"]}
+    return {path: rows[name] for name, path in report["samples"].items()}
 
 
-def fid_of(fid_by_path: dict[str, dict[str, Any]], run_dir: str) -> dict[str, Any]:
-    return fid_by_path[str(Path(run_dir).resolve())]
+def samples_files(args: argparse.Namespace, dirs: list[str]) -> list[Path]:
+    """Where eval/fid.py keeps the samples of `dirs` (named as it names them)."""
+    return [Path(args.output_dir) / "fid" / "samples" / f"{name}.pt" for name in folder_names(dirs)]
+
+
+def run_unless_reported(report: Path, dirs: list[str], reported_dirs: Callable[[dict], list[str]],
+                        command: list[str], threads: int, needs: list[Path] = ()) -> dict[str, Any]:
+    """A scoring script's report: run `command` unless `report` already covers exactly `dirs` (as resolved paths,
+    read by `reported_dirs`) and the files it `needs` exist."""
+    wanted = sorted(str(Path(d).resolve()) for d in dirs)
+    if not (report.is_file() and sorted(reported_dirs(json.loads(report.read_text()))) == wanted
+            and all(path.is_file() for path in needs)):
+        subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
+    return json.loads(report.read_text())
+
+
+def score_of(scores_by_path: dict[str, dict[str, Any]], run_dir: str) -> dict[str, Any]:
+    return scores_by_path[str(Path(run_dir).resolve())]
 
 
 def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Path) -> None:
@@ -383,14 +417,15 @@ def plot(selection: dict[str, Any], costs: dict[str, dict[str, float]], path: Pa
 
 
 def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[str, dict[str, float]],
-             fid: dict[str, dict[str, Any]]) -> str:
+             fid: dict[str, dict[str, Any]], digits: dict[str, dict[str, Any]]) -> str:
     rates = [f"{lr:g}" for lr in args.learning_rates]
     equal_time = f"{selection['equal_train_seconds']:.0f} s"
     header = (["model", "params (M)", f"GFLOPs @{args.resolution}²"] + [f"held-out @lr {r}" for r in rates]
               + ["lr", f"held-out @{args.max_train_steps} steps",
                  f"held-out @{equal_time}", "s/step", "model s/step", "logged train s", "peak train MiB"]
-              + (["FID", "KID"] if fid else [])
-              + (["equal-time run: steps", "held-out"] + (["FID"] if fid else []) if args.equal_time_runs else []))
+              + (["FID", "KID"] if fid else []) + (["recognised", "digit FD"] if digits else [])
+              + (["equal-time run: steps", "held-out"] + (["FID"] if fid else []) + (["recognised"] if digits else [])
+                 if args.equal_time_runs else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for spec in args.specs:
         model, cost = selection["models"][spec.label], costs[spec.label]
@@ -403,9 +438,12 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
                 f"{model['train_seconds']:.0f}", f"{cost['peak_train_memory_mib']:.0f}"]
         if fid:
             row += [f"{fid[spec.label]['fid']:.2f}", f"{fid[spec.label]['kid_mean']:.4f}"]
+        if digits:
+            row += [f"{digits[spec.label]['recognisable']:.3f}", f"{digits[spec.label]['digit_fd']:.2f}"]
         if args.equal_time_runs:
             run = model["equal_time_run"]
             row += [str(run["steps"]), f"{run['heldout_loss']:.5f}"] + ([f"{run['fid']['fid']:.2f}"] if fid else [])
+            row += [f"{run['digits']['recognisable']:.3f}"] if digits else []
         lines.append("| " + " | ".join(row) + " |")
     overrides = [f"{spec.label}: {spec.preset} {spec.overrides}" for spec in args.specs if spec.overrides]
     recipe = (f"{args.dataset_name} at {args.resolution}x{args.resolution}, {args.max_train_steps} steps x batch "
@@ -422,6 +460,10 @@ def markdown(args: argparse.Namespace, selection: dict[str, Any], costs: dict[st
         first = next(iter(fid.values()))
         recipe += (f" FID/KID: {first['num_samples']} DDIM-{first['num_inference_steps']} samples per model vs "
                    f"{first['num_reference']} training images, same per-sample seeds.")
+    if digits:
+        recipe += (f" Digit scores (eval/digit_score.py, the same samples): recognised = the digit classifier's top "
+                   f"probability >= {RECOGNISABLE_PROBABILITY}; digit FD in its features vs held-out "
+                   f"{args.heldout_split}-split images.")
     return "\n".join(lines) + "\n\n" + recipe + ("\n\nVariants: " + "; ".join(overrides) if overrides else "") + "\n"
 
 
@@ -445,19 +487,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     selection = select(args, runs, costs)
     if args.equal_time_runs:
         add_equal_time_runs(args, selection, channels)
-    fid = {}
+    fid, digits = {}, {}
     if args.num_samples:
         models = selection["models"].values()
         equal_time_runs = [model["equal_time_run"] for model in models] if args.equal_time_runs else []
-        fid_by_path = fid_scores(args, [model["run_dir"] for model in models] + [run["run_dir"] for run in equal_time_runs])
-        fid = {label: fid_of(fid_by_path, model["run_dir"]) for label, model in selection["models"].items()}
-        for run in equal_time_runs:
-            run["fid"] = fid_of(fid_by_path, run["run_dir"])
+        run_dirs = [model["run_dir"] for model in models] + [run["run_dir"] for run in equal_time_runs]
+        scorers = [("fid", fid, fid_scores)] + ([("digits", digits, digit_scores)] if args.digit_scores else [])
+        for key, scores, scorer in scorers:  # digit_scores reads the samples fid_scores kept: in this order
+            by_path = scorer(args, run_dirs)
+            scores.update({label: score_of(by_path, model["run_dir"]) for label, model in selection["models"].items()})
+            for run in equal_time_runs:
+                run[key] = score_of(by_path, run["run_dir"])
     plot(selection, costs, output_dir / "heldout_vs_cost.png")
-    table = markdown(args, selection, costs, fid)
+    table = markdown(args, selection, costs, fid, digits)
     (output_dir / "report.md").write_text(table)
     report = {"args": {k: v for k, v in vars(args).items() if k != "specs"}, **selection, "costs": costs, "fid": fid,
-              "wall_seconds": time.perf_counter() - start}
+              "digits": digits, "wall_seconds": time.perf_counter() - start}
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(table)
     return report

@@ -44,6 +44,8 @@ def test_model_specs_are_presets_or_labelled_variants():
             fair_compare.ModelSpec.parse(bad)
     with pytest.raises(ValueError, match="share a label"):
         fair_compare.parse_args(["--models", "emov2-1m", "emov2-1m", "--output_dir", "x"])
+    with pytest.raises(SystemExit):  # the digit scores judge FID's samples: none drawn, nothing to judge
+        fair_compare.parse_args(["--models", "emov2-1m", "--num_samples", "0", "--digit_scores", "--output_dir", "x"])
 
 
 def test_each_model_gets_its_own_best_rate_and_is_read_at_equal_time(tmp_path):
@@ -132,6 +134,24 @@ def test_end_to_end_sweep_selects_reports_and_reuses_finished_runs(tmp_path, cap
     for label, model in scored["models"].items():
         assert scored["fid"][label]["fid"] == len(Path(model["run_dir"]).name)
         assert model["equal_time_run"]["fid"]["fid"] == len(Path(model["equal_time_run"]["run_dir"]).name)
+    monkeypatch.undo()
+
+    # For real, with the digit scores: digit_score.py judges the very samples fid.py kept, each row on its own run.
+    digit_flags = ["--num_inference_steps", "2", "--digit_scores", "--digit_args",
+                   "--classifier_images 200 --classifier_epochs 1"]  # fmt: skip
+    real = scoring[:scoring.index("--num_samples")] + ["--num_samples", "20", *digit_flags] + scoring[scoring.index(
+        "--num_samples") + 2:]
+    judged = fair_compare.main(fair_compare.parse_args(real))
+    runs = {label: model["run_dir"] for label, model in judged["models"].items()}
+    runs.update({f"{label} equal time": model["equal_time_run"]["run_dir"] for label, model in judged["models"].items()})
+    digits = {**judged["digits"], **{f"{label} equal time": model["equal_time_run"]["digits"]
+                                     for label, model in judged["models"].items()}}  # fmt: skip
+    for label, run_dir in runs.items():
+        assert digits[label]["name"] == Path(run_dir).resolve().name and digits[label]["num_images"] == 20
+        assert 0 <= digits[label]["recognisable"] <= 1 and digits[label]["digit_fd"] > 0
+    assert sorted(path.name for path in (out / "fid" / "samples").glob("*.pt")) == sorted(
+        Path(run_dir).resolve().name + ".pt" for run_dir in set(runs.values()))
+    assert "| recognised | digit FD |" in (out / "report.md").read_text()
 
 
 def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_labels(tmp_path, monkeypatch):
@@ -189,7 +209,7 @@ def test_equal_time_runs_retrain_slower_models_for_the_fastest_models_time(tmp_p
     assert emo["run_dir"].endswith("emov2-1m-lr0.001-20steps")
     assert unet == {"run_dir": str(runs["unet2d-1m"][1e-3]), "steps": 40, "heldout_loss": pytest.approx(0.251)}
     table = fair_compare.markdown(args, selection, {label: {**cost, "parameters": 1e6, "gflops": 0.1, "model_seconds_per_step": 0.5,
-                                                             "peak_train_memory_mib": 1.0} for label, cost in costs.items()}, {})
+                                                             "peak_train_memory_mib": 1.0} for label, cost in costs.items()}, {}, {})
     assert table.splitlines()[0].endswith("| equal-time run: steps | held-out |")
     assert "| 20 | 0.33000 |" in table and "| 40 | 0.25100 |" in table
 
@@ -232,14 +252,19 @@ def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeyp
         dirs = command[command.index("--model_dirs") + 1:command.index("--reference")]
         calls.append(dirs)
         rows = [{"path": str(Path(d).resolve()), "fid": float(len(d))} for d in dirs]
-        (tmp_path / "fid").mkdir(exist_ok=True)
+        (tmp_path / "fid" / "samples").mkdir(parents=True, exist_ok=True)
         (tmp_path / "fid" / "report.json").write_text(json.dumps({"models": rows}))
+        for d in dirs:
+            (tmp_path / "fid" / "samples" / f"{Path(d).name}.pt").touch()
 
     monkeypatch.setattr(fair_compare.subprocess, "run", fake_fid)
     scores = fair_compare.fid_scores(args, [str(tmp_path / "a"), str(tmp_path / "bb"), str(tmp_path / "a")])
     assert calls == [[str(tmp_path / "a"), str(tmp_path / "bb")]]  # the shared run is sampled once
-    assert fair_compare.fid_of(scores, str(tmp_path / "bb"))["fid"] == len(str(tmp_path / "bb"))
+    assert fair_compare.score_of(scores, str(tmp_path / "bb"))["fid"] == len(str(tmp_path / "bb"))
     fair_compare.fid_scores(args, [str(tmp_path / "bb"), str(tmp_path / "a")])  # the same runs: the report is reused
     assert len(calls) == 1
+    (tmp_path / "fid" / "samples" / "a.pt").unlink()  # a report from before fid.py kept its samples: sampled again
+    fair_compare.fid_scores(args, [str(tmp_path / "bb"), str(tmp_path / "a")])
+    assert len(calls) == 2
     fair_compare.fid_scores(args, [str(tmp_path / "a")])  # other runs: sampled again
     assert calls[-1] == [str(tmp_path / "a")]
