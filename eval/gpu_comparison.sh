@@ -6,7 +6,8 @@
 #                                         # DDIM-50 samples each, saved by eval/fid.py --samples_only) and, with
 #                                         # SEG_STEPS > 0, the paper-sized segmentation pair beside it
 #   bash eval/gpu_comparison.sh score     # anywhere with the Inception weights, a CPU too: FID/KID/precision/recall
-#                                         # of the saved samples (train and fair phases) against MNIST train
+#                                         # of the saved samples (train and fair phases) against MNIST train, and
+#                                         # their digit scores (eval/digit_score.py: recognisable share, digit FD)
 #   bash eval/gpu_comparison.sh compiled  # on the GPU: bf16 + channels_last + torch.compile benchmark of the 5M pair
 #   bash eval/gpu_comparison.sh fair      # on the GPU: the fair generation protocol (eval/fair_compare.py) for the
 #                                         # 5M pair on MNIST 32x32, 3 learning rates each, all 6 runs at once on the
@@ -43,6 +44,7 @@ bench=(--device "$DEVICE" --batch_sizes 1 16 256)
 seg=(--crop_size 128 --synthetic_size 256 256 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
 seg_paper=(--crop_size 256 --synthetic_size 512 512 --num_synthetic_train 40 --train_batch_size 8 --cost_size 256)
 fid_batch=500
+digit=()
 inference_steps=50
 if [ "${SMOKE:-0}" = 1 ]; then
   bench=(--device "$DEVICE" --quick --models emov2-1m unet2d-5m)
@@ -53,6 +55,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   fair=(--learning_rates 1e-3 --heldout_num_images 8 --timing_steps 1 --timing_warmup_steps 1 --timing_repeats 1)
   fair_train=(--eval_batch_size 2 --ddpm_num_inference_steps 2)  # the runs' final preview grids
   fid_batch=4
+  digit=(--classifier_images 200 --classifier_epochs 1)
   inference_steps=2
 fi
 mkdir -p "$OUT"
@@ -97,6 +100,8 @@ case "${1:-}" in
       python eval/fid.py --samples "$fid_dir"/samples/*.pt --reference "$DATA" --split train \
         --batch_size "$fid_batch" ${SCORE_DEVICE:+--device "$SCORE_DEVICE"} \
         ${INCEPTION:+--inception-weights "$INCEPTION"} --output_dir "$fid_dir"
+      python eval/digit_score.py --samples "$fid_dir"/samples/*.pt --reference "$DATA" "${digit[@]}" \
+        ${SCORE_DEVICE:+--device "$SCORE_DEVICE"} --output_dir "$fid_dir/digits"
     done
     ;;
   fair)

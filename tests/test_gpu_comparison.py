@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_phase(phase: str, out: Path, mnist: Path, **knobs: str) -> None:
     env = {**os.environ, **knobs, "SMOKE": "1", "DEVICE": "cpu", "OUT": str(out), "DATA": str(mnist), "STEPS": "2", "BATCH": "2",
-           "NUM_SAMPLES": "4", "SEG_STEPS": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+           "NUM_SAMPLES": "20", "SEG_STEPS": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
     result = subprocess.run(["bash", str(REPO / "eval" / "gpu_comparison.sh"), phase], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -30,8 +30,11 @@ def test_gpu_comparison_phases_train_then_score_every_model(tmp_path, mnist_dir)
 
     run_phase("score", tmp_path, mnist_dir)
     fid = json.loads((tmp_path / "mnist" / "fid" / "report.json").read_text())
-    assert [m["name"] for m in fid["models"]] == ["emov2-5m", "unet2d-5m"] and all(m["num_samples"] == 4 for m in fid["models"])
-    assert all(m["device"] == "cpu" and m["reference_key"].endswith("|split=train|n=4|32x32|L") for m in fid["models"])
+    assert [m["name"] for m in fid["models"]] == ["emov2-5m", "unet2d-5m"] and all(m["num_samples"] == 20 for m in fid["models"])
+    assert all(m["device"] == "cpu" and m["reference_key"].endswith("|split=train|n=20|32x32|L") for m in fid["models"])
+    digits = json.loads((tmp_path / "mnist" / "fid" / "digits" / "report.json").read_text())  # the same samples
+    assert [m["name"] for m in digits["models"]][1:] == ["emov2-5m", "unet2d-5m"]
+    assert all(m["num_images"] == 20 for m in digits["models"])
 
     run_phase("compiled", tmp_path, mnist_dir)
     bf16 = json.loads((tmp_path / "benchmark-bf16-compiled" / "benchmark.json").read_text())
@@ -57,7 +60,9 @@ def test_gpu_comparison_fair_phase_trains_the_5m_pair_then_score_scores_the_sele
     run_phase("score", tmp_path, mnist_dir)
     fid = json.loads((tmp_path / "fair" / "fid" / "report.json").read_text())
     assert [m["name"] for m in fid["models"]] == ["emov2-5m-lr0.001", "unet2d-5m-lr0.001"]
-    assert all(m["num_samples"] == 4 and m["sampler"] == "DDIMScheduler" for m in fid["models"])
+    assert all(m["num_samples"] == 20 and m["sampler"] == "DDIMScheduler" for m in fid["models"])
+    digits = json.loads((tmp_path / "fair" / "fid" / "digits" / "report.json").read_text())
+    assert [m["name"] for m in digits["models"]][1:] == ["emov2-5m-lr0.001", "unet2d-5m-lr0.001"]
 
 
 def test_gpu_comparison_fair_dit_phase_trains_demo_and_dit_on_labels_and_samples_balanced_labels(tmp_path, mnist_dir):
@@ -66,7 +71,7 @@ def test_gpu_comparison_fair_dit_phase_trains_demo_and_dit_on_labels_and_samples
     assert report["models"].keys() == {"demo-s-2", "dit-s-2"} and report["args"]["class_conditional"]
     for name in ("demo-s-2", "dit-s-2"):
         drawn = ModelSamples.load(tmp_path / "fair-dit" / "fid" / "samples" / f"{name}-lr0.001.pt")
-        assert drawn.info.class_conditional and drawn.info.num_samples == 4 and drawn.info.resolution == [32, 32]
+        assert drawn.info.class_conditional and drawn.info.num_samples == 20 and drawn.info.resolution == [32, 32]
 
 
 def test_gpu_comparison_without_a_phase_prints_usage(tmp_path):
