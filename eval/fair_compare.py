@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -356,7 +356,7 @@ def fid_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dict[
                "--output_dir", str(fid_dir), *(["--class_conditional"] if args.class_conditional else []),
                *args.fid_args.split()]
     report = run_unless_reported(fid_dir / "report.json", dirs, lambda r: [row["path"] for row in r["models"]],
-                                 command, args.threads * args.jobs, needs=samples_files(args, dirs))
+                                 command, args.threads * args.jobs, samples_files(args, dirs))
     return {row["path"]: row for row in report["models"]}
 
 
@@ -364,10 +364,11 @@ def digit_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dic
     """The digit scores (eval/digit_score.py) of the very samples `fid_scores` drew for the given runs (reused while
     the same runs are asked for), by resolved run directory."""
     digit_dir, dirs = Path(args.output_dir) / "digits", sorted(set(run_dirs))
-    command = [sys.executable, str(DIGIT_SCORE_SCRIPT), "--samples", *map(str, samples_files(args, dirs)),
-               "--reference", args.dataset_name, "--output_dir", str(digit_dir), *args.digit_args.split()]
+    samples = samples_files(args, dirs)
+    command = [sys.executable, str(DIGIT_SCORE_SCRIPT), "--samples", *map(str, samples), "--reference",
+               args.dataset_name, "--output_dir", str(digit_dir), *args.digit_args.split()]
     report = run_unless_reported(digit_dir / "report.json", dirs, lambda r: list(r["samples"].values()), command,
-                                 args.threads * args.jobs)
+                                 args.threads * args.jobs, samples)
     rows = {row["name"]: row for row in report["models"]}
     return {path: rows[name] for name, path in report["samples"].items()}
 
@@ -378,12 +379,13 @@ def samples_files(args: argparse.Namespace, dirs: list[str]) -> list[Path]:
 
 
 def run_unless_reported(report: Path, dirs: list[str], reported_dirs: Callable[[dict], list[str]],
-                        command: list[str], threads: int, needs: list[Path] = ()) -> dict[str, Any]:
+                        command: list[str], threads: int, samples: Sequence[Path]) -> dict[str, Any]:
     """A scoring script's report: run `command` unless `report` already covers exactly `dirs` (as resolved paths,
-    read by `reported_dirs`) and the files it `needs` exist."""
+    read by `reported_dirs`) and was written after every one of the `samples` files, which must all exist (a digit
+    report older than FID's samples judged other images; an FID report without its samples predates keeping them)."""
     wanted = sorted(str(Path(d).resolve()) for d in dirs)
     if not (report.is_file() and sorted(reported_dirs(json.loads(report.read_text()))) == wanted
-            and all(path.is_file() for path in needs)):
+            and all(path.is_file() and path.stat().st_mtime <= report.stat().st_mtime for path in samples)):
         subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
     return json.loads(report.read_text())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -253,9 +254,9 @@ def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeyp
         calls.append(dirs)
         rows = [{"path": str(Path(d).resolve()), "fid": float(len(d))} for d in dirs]
         (tmp_path / "fid" / "samples").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "fid" / "report.json").write_text(json.dumps({"models": rows}))
         for d in dirs:
             (tmp_path / "fid" / "samples" / f"{Path(d).name}.pt").touch()
+        (tmp_path / "fid" / "report.json").write_text(json.dumps({"models": rows}))
 
     monkeypatch.setattr(fair_compare.subprocess, "run", fake_fid)
     scores = fair_compare.fid_scores(args, [str(tmp_path / "a"), str(tmp_path / "bb"), str(tmp_path / "a")])
@@ -268,3 +269,33 @@ def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeyp
     assert len(calls) == 2
     fair_compare.fid_scores(args, [str(tmp_path / "a")])  # other runs: sampled again
     assert calls[-1] == [str(tmp_path / "a")]
+
+
+def test_digit_scores_judge_fids_samples_and_are_rescored_when_those_are_redrawn(tmp_path, monkeypatch):
+    args = fair_compare.parse_args(["--models", "emov2-1m", "--digit_scores", "--output_dir", str(tmp_path)])
+    runs = [str(tmp_path / "runs" / name) for name in ("a", "bb")]
+    samples = tmp_path / "fid" / "samples"
+    samples.mkdir(parents=True)
+    for run in runs:
+        (samples / f"{Path(run).name}.pt").touch()
+    calls = []
+
+    def fake_digit_score(command, **_):
+        files = command[command.index("--samples") + 1:command.index("--reference")]
+        calls.append([Path(f).name for f in files])
+        report = {"samples": {Path(f).stem: str((tmp_path / "runs" / Path(f).stem).resolve()) for f in files},
+                  "models": [{"name": "real images"}] + [{"name": Path(f).stem, "recognisable": len(Path(f).stem) / 10}
+                                                         for f in files]}  # fmt: skip
+        (tmp_path / "digits").mkdir(exist_ok=True)
+        (tmp_path / "digits" / "report.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(fair_compare.subprocess, "run", fake_digit_score)
+    scores = fair_compare.digit_scores(args, runs)
+    assert calls == [["a.pt", "bb.pt"]]  # FID's kept samples, named as fid.py names them
+    assert fair_compare.score_of(scores, runs[1])["recognisable"] == 0.2  # each row on its own run
+    fair_compare.digit_scores(args, runs[::-1])
+    assert len(calls) == 1  # the same runs and samples: reused
+    later = (tmp_path / "digits" / "report.json").stat().st_mtime + 10
+    os.utime(samples / "a.pt", (later, later))  # FID drew a's samples again: the old digit scores judged others
+    fair_compare.digit_scores(args, runs)
+    assert len(calls) == 2
