@@ -55,6 +55,7 @@ from emov2_gen.data.image_datasets import load_image_dataset
 from emov2_gen.data.training_images import image_channels, num_classes
 from emov2_gen.evaluation.benchmark import NullClassDenoiser, peak_memory_mib
 from emov2_gen.evaluation.digit_scores import RECOGNISABLE_PROBABILITY
+from emov2_gen.evaluation.fid import samples_file
 from emov2_gen.evaluation.flops import count_gflops
 from emov2_gen.evaluation.folder_names import folder_names
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
@@ -375,7 +376,7 @@ def digit_scores(args: argparse.Namespace, run_dirs: list[str]) -> dict[str, dic
 
 def samples_files(args: argparse.Namespace, dirs: list[str]) -> list[Path]:
     """Where eval/fid.py keeps the samples of `dirs` (named as it names them)."""
-    return [Path(args.output_dir) / "fid" / "samples" / f"{name}.pt" for name in folder_names(dirs)]
+    return [samples_file(Path(args.output_dir) / "fid" / "samples", name) for name in folder_names(dirs)]
 
 
 def run_unless_reported(report: Path, dirs: list[str], reported_dirs: Callable[[dict], list[str]],

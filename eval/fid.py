@@ -28,6 +28,7 @@ from emov2_gen.evaluation.fid import (
     add_sample_arguments,
     evaluate_models,
     sample_models,
+    samples_file,
     score_models,
 )
 from emov2_gen.evaluation.report import sample_grid_name, save_sample_grid, scores_table, write_reports
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
             save_sample_grid(samples.images, output_dir / sample_grid_name(samples.info.name))
             print(f"{samples.info.name}: {samples.info.num_samples} samples, "
                   f"{samples.info.seconds_per_image:.4f} s/image on {samples.info.device} -> "
-                  f"{samples_dir / samples.info.name}.pt")  # fmt: skip
+                  f"{samples_file(samples_dir, samples.info.name)}")  # fmt: skip
         return
     if args.samples:
         evaluation = score_models([ModelSamples.load(path) for path in args.samples], settings)

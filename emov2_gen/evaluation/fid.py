@@ -302,6 +302,11 @@ def score_samples(
     )
 
 
+def samples_file(save_dir: str | Path, name: str) -> Path:
+    """Where `sample_models(..., save_dir)` keeps the samples of the model folder it names `name`."""
+    return Path(save_dir) / f"{name}.pt"
+
+
 def sample_models(
     model_dirs: list[str], settings: FIDSettings, save_dir: Optional[str | Path] = None
 ) -> list[ModelSamples]:
@@ -320,7 +325,7 @@ def sample_models(
     for model_dir, name in zip(model_dirs, folder_names(model_dirs)):
         drawn.append(sample_model(model_dir, name, settings))
         if save_dir is not None:
-            drawn[-1].save(Path(save_dir) / f"{name}.pt")
+            drawn[-1].save(samples_file(save_dir, name))
     return drawn
 
 
