@@ -61,13 +61,13 @@ from emov2_gen.evaluation.folder_names import folder_names
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
 from emov2_gen.evaluation.training_logs import read_scalars
 from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser
-from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
+from emov2_gen.training_utils import DIVERGED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT, FID_SCRIPT = REPO / "train" / "train_ddpm.py", REPO / "eval" / "fid.py"
 DIGIT_SCORE_SCRIPT = REPO / "eval" / "digit_score.py"
 SELECTION_TAG = "heldout_loss_ema"  # the EMA weights are what the saved pipeline samples
-DIVERGED = ".diverged"  # marks a run that train_ddpm.py stopped on a non-finite loss
+DIVERGED = ".diverged"  # marks a run that train_ddpm.py stopped on a non-finite or collapsed loss
 
 
 @dataclass
@@ -175,8 +175,8 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, s
           run_dir: Optional[Path] = None) -> Path:
     """One run of the sweep (a train_ddpm.py subprocess; `steps` other than --max_train_steps: an equal-time run;
     `run_dir` other than runs/<run_name>: a timing run), continued from its last checkpoint if interrupted. A run that
-    stops on a non-finite loss is marked diverged (its held-out loss counts as NaN: it never wins the sweep); any
-    other failure stops the comparison."""
+    stops on a non-finite or collapsed loss is marked diverged (its held-out loss counts as NaN: it never wins the
+    sweep); any other failure stops the comparison."""
     run_dir = run_dir or Path(args.output_dir) / "runs" / run_name(spec, lr, steps)
     steps = args.max_train_steps if steps is None else steps
     done = run_dir / ".done"
@@ -204,7 +204,7 @@ def train(spec: ModelSpec, lr: float, args: argparse.Namespace, channels: int, s
     log_file = run_dir.parent / f"{run_dir.name}.log"
     with open(log_file, "a") as log:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode == NON_FINITE_LOSS_EXIT_CODE:
+    if result.returncode == DIVERGED_EXIT_CODE:
         (run_dir / DIVERGED).touch()  # a rate too high for this model: it loses the sweep, the comparison goes on
         return run_dir
     if result.returncode != 0:

@@ -40,7 +40,7 @@ from emov2_gen import EMOv2UNetForSegmentation
 from emov2_gen.evaluation.flops import flop_counter
 from emov2_gen.evaluation.lr_sweep import best_learning_rate, check_sweep, on_sweep_edge
 from emov2_gen.models.segmentation import SEGMENTATION_PRESETS
-from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
+from emov2_gen.training_utils import DIVERGED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train" / "train_seg.py"
@@ -118,7 +118,7 @@ def train(args: argparse.Namespace, preset: str, learning_rate: float) -> dict[s
     directory.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
         result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode == NON_FINITE_LOSS_EXIT_CODE:  # train_seg.py stopped on a non-finite loss
+    if result.returncode == DIVERGED_EXIT_CODE:  # train_seg.py stopped on a non-finite loss
         return {"diverged": True}
     if result.returncode != 0:
         raise RuntimeError(f"Training {preset} at lr {learning_rate:g} failed (exit {result.returncode}); see {log_file}.")

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from script_runs import load_script
 
 from emov2_gen.evaluation.training_logs import read_scalars
-from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
+from emov2_gen.training_utils import DIVERGED_EXIT_CODE
 
 fair_compare = load_script(Path(__file__).resolve().parents[1] / "eval" / "fair_compare.py")
 
@@ -176,7 +176,7 @@ def test_class_conditional_models_are_costed_on_their_null_class_and_trained_on_
     def failing(command, stdout, **_):
         diverging = "0.01" in command
         stdout.write("NonFiniteLossError: The loss became [nan]\n" if diverging else "ImportError: NonFiniteLossError\n")
-        return type("Failed", (), {"returncode": NON_FINITE_LOSS_EXIT_CODE if diverging else 1})()
+        return type("Failed", (), {"returncode": DIVERGED_EXIT_CODE if diverging else 1})()
 
     monkeypatch.setattr(fair_compare.subprocess, "run", failing)
     for lr in ("0.01", "0.003"):

@@ -11,7 +11,7 @@ import pytest
 from script_runs import load_script
 
 from emov2_gen import EMOv2UNetForSegmentation
-from emov2_gen.training_utils import NON_FINITE_LOSS_EXIT_CODE
+from emov2_gen.training_utils import DIVERGED_EXIT_CODE
 
 seg_benchmark = load_script(Path(__file__).resolve().parents[1] / "eval" / "seg_benchmark.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,7 +99,7 @@ def test_a_diverged_run_is_recorded_and_any_other_failure_raises(tmp_path, monke
             return subprocess.CompletedProcess(command, code)
         return run
 
-    diverged = failing_run("FloatingPointError: The loss became [nan]", NON_FINITE_LOSS_EXIT_CODE)
+    diverged = failing_run("FloatingPointError: The loss became [nan]", DIVERGED_EXIT_CODE)
     monkeypatch.setattr(seg_benchmark.subprocess, "run", diverged)
     assert seg_benchmark.train(args, "unet-emov2-1m", 1e-2) == {"diverged": True}
     # The exit status decides, not the log: an error that merely mentions a FloatingPointError is a failure.

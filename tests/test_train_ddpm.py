@@ -302,11 +302,42 @@ def test_a_diverging_run_exits_with_the_non_finite_loss_status(tmp_path, tiny_co
                *quick_args(tmp_path / "diverged", tiny_config, "--learning_rate", "1e30", steps=6)]
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == training_utils.NON_FINITE_LOSS_EXIT_CODE, result.stderr[-3000:]
+    assert result.returncode == training_utils.DIVERGED_EXIT_CODE, result.stderr[-3000:]
     assert "NonFiniteLossError: The loss became" in result.stderr
     broken = subprocess.run([*command, "--resolution", "7"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)  # a size the model cannot downsample: a ValueError
-    assert broken.returncode not in (0, training_utils.NON_FINITE_LOSS_EXIT_CODE), broken.stderr[-3000:]
+    assert broken.returncode not in (0, training_utils.DIVERGED_EXIT_CODE), broken.stderr[-3000:]
+
+
+def test_a_collapsed_loss_stops_the_run_and_a_resumed_run_remembers_it_had_learned(tmp_path, tiny_config,
+                                                                                   monkeypatch):
+    """The loss is scripted as a fraction of the zero prediction's (on the real batches, with the model's gradient):
+    20% for 4 steps (learned), then 100% (collapsed). Run 1 stops at a checkpoint after step 4; run 2 resumes and must
+    stop when its 2-step window is all collapse (step 6), which it only can with the learned state from the
+    checkpoint. --collapse_window 0 trains through the same losses."""
+    out = tmp_path / "collapse"
+    real_loss = train_ddpm.diffusion_loss
+    model_calls = []
+
+    def scripted_loss(model_output, *args):
+        zero = real_loss(torch.zeros_like(model_output), *args)
+        if not model_output.requires_grad:  # the detector's scale: the loss of predicting zeros
+            return zero
+        model_calls.append(1)
+        fraction = 0.2 if len(model_calls) <= 4 else 1.0
+        return real_loss(model_output, *args) * 0 + fraction * zero
+
+    monkeypatch.setattr(train_ddpm, "diffusion_loss", scripted_loss)
+    flags = ("--checkpointing_steps", "4", "--collapse_window", "2")
+    run_training(quick_args(out, tiny_config, *flags, steps=4))
+    model_calls.clear()
+    model_calls.extend([1] * 4)  # the resumed run's steps 5.. are the collapse
+    with pytest.raises(training_utils.LossCollapseError, match=r"collapsed at optimiser step 6: .* 100% .* down to 20%"):
+        run_training(quick_args(out, tiny_config, *flags, "--resume_from_checkpoint", "latest", steps=8))
+    assert not (out / "checkpoint-8").exists()
+    run_training(quick_args(out, tiny_config, "--checkpointing_steps", "4", "--collapse_window", "0",
+                            "--resume_from_checkpoint", "latest", steps=8))
+    assert (out / "checkpoint-8").is_dir()
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, tiny_config, monkeypatch):
@@ -314,10 +345,10 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     real_loss = train_ddpm.diffusion_loss
     calls = []
 
-    def loss_that_explodes(*args, **kwargs):
-        calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+    def loss_that_explodes(model_output, *args):
+        calls.extend([1] if model_output.requires_grad else [])  # not the collapse check's zero prediction
+        loss = real_loss(model_output, *args)
+        return loss * float("nan") if len(calls) == 3 and model_output.requires_grad else loss
 
     monkeypatch.setattr(train_ddpm, "diffusion_loss", loss_that_explodes)
     with pytest.raises(train_ddpm.NonFiniteLossError, match=r"optimiser step 3.*checkpoint-2"):

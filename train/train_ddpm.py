@@ -6,8 +6,8 @@ EMOv2 and baseline presets (`--model`) or a config file of any denoiser class; g
 default dataset; class-conditional training with a null class for classifier-free guidance; `--prediction_type
 v_prediction`; latent-space training in a frozen `AutoencoderKL` (`--vae_name_or_path`: the denoiser is built
 for its latents and the saved pipeline decodes them); DDIM previews; `--max_train_steps`; `--seed`; resumable
-runs that reproduce the uninterrupted run exactly; a stop with a clear message on a NaN/inf loss; and errors for
-bad input before any training starts.
+runs that reproduce the uninterrupted run exactly; a stop with a clear message on a NaN/inf loss or on a collapse
+(the loss back at that of predicting zeros); and errors for bad input before any training starts.
 
 Launch (the script also runs as plain `python train/train_ddpm.py ...`, one process):
 
@@ -61,13 +61,15 @@ from emov2_gen.models.registry import DENOISER_PRESETS, build_denoiser, denoiser
 from emov2_gen.pipelines import EMOv2ImagePipeline
 from emov2_gen.pipelines import pipeline_emov2_image
 from emov2_gen.training_utils import (
+    LossCollapseDetector,
+    LossCollapseError,
     TrainingClock,
     add_checkpoint_arguments,
     check_checkpoint_arguments,
     check_positive,
     configure_logging,
     ema_weights,
-    exit_on_non_finite_loss,
+    exit_on_divergence,
     list_checkpoints,
     load_resume_state,
     prepare_output_dir,
@@ -177,6 +179,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     training.add_argument("--adam_weight_decay", type=float, default=1e-6)
     training.add_argument("--adam_epsilon", type=float, default=1e-08)
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    training.add_argument("--collapse_window", type=int, default=100,
+                          help="Stop (exit status 3, as on a NaN loss) when the mean training loss over this many "
+                               "steps climbs back to 90%% of the loss of predicting zeros after it had been below "
+                               "50%%: the run collapsed. 0 turns the check off.")
     training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights and save it as the model.")
     training.add_argument("--ema_inv_gamma", type=float, default=1.0)
     training.add_argument("--ema_power", type=float, default=3 / 4)
@@ -232,6 +238,8 @@ def check_args(args: argparse.Namespace) -> None:
                           "save_images_epochs", "save_model_epochs", "ddpm_num_inference_steps",
                           "max_train_samples", "max_train_steps", "heldout_num_images", "heldout_num_timesteps",
                           "heldout_steps"))
+    if args.collapse_window < 0:
+        raise ValueError(f"--collapse_window must be 0 (off) or positive, got {args.collapse_window}.")
     if args.logger == "wandb" and args.hub_token is not None:
         raise ValueError("--logger wandb with --hub_token would expose the token; use `hf auth login` instead.")
     check_checkpoint_arguments(args)
@@ -486,6 +494,8 @@ def main(args: argparse.Namespace) -> None:
     register_checkpoint_hooks(accelerator, model_cls, MODEL_SUBFOLDER, ema_model)
     clock = TrainingClock()  # logged as train_seconds: the wall-clock axis of the fair comparisons
     accelerator.register_for_checkpointing(clock)
+    collapse = LossCollapseDetector(args.collapse_window)
+    accelerator.register_for_checkpointing(collapse)
 
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps,
@@ -546,7 +556,7 @@ def main(args: argparse.Namespace) -> None:
                         desc="Steps")
     noise_generator = torch.Generator(device=accelerator.device)
     latent_generator = torch.Generator(device=accelerator.device)
-    last_sync_time, accumulated_losses = time.perf_counter(), []
+    last_sync_time, accumulated_losses, accumulated_zero_losses = time.perf_counter(), [], []
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -583,7 +593,9 @@ def main(args: argparse.Namespace) -> None:
                 model_output = model_output[:, : clean_images.shape[1]]
                 loss = diffusion_loss(model_output, clean_images, noise, timesteps, noise_scheduler,
                                       args.prediction_type)
-                losses = accelerator.gather(loss.detach().reshape(1))
+                zero_loss = diffusion_loss(torch.zeros_like(model_output), clean_images, noise, timesteps,
+                                           noise_scheduler, args.prediction_type)  # the collapse check's scale
+                losses, zero_losses = accelerator.gather(torch.stack([loss.detach(), zero_loss]).reshape(1, 2)).T
                 if not torch.isfinite(losses).all():
                     checkpoints = list_checkpoints(output_dir)
                     accelerator.end_training()
@@ -595,6 +607,7 @@ def main(args: argparse.Namespace) -> None:
                         "--resume_from_checkpoint latest."
                     )
                 accumulated_losses.append(losses.mean())
+                accumulated_zero_losses.append(zero_losses.mean())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -621,7 +634,10 @@ def main(args: argparse.Namespace) -> None:
                     logs["ema_decay"] = ema_model.cur_decay_value
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
-                accumulated_losses = []
+                if collapse.update(logs["loss"], torch.stack(accumulated_zero_losses).mean().item()):
+                    accelerator.end_training()
+                    raise LossCollapseError(collapse.message(global_step))
+                accumulated_losses, accumulated_zero_losses = [], []
                 clock.stop()
                 if heldout is not None and (global_step % args.heldout_steps == 0 or global_step >= max_train_steps):
                     log_heldout_loss(accelerator, model, ema_model, heldout, noise_scheduler, global_step)
@@ -663,4 +679,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_non_finite_loss(lambda: main(parse_args()))
+    exit_on_divergence(lambda: main(parse_args()))

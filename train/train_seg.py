@@ -61,7 +61,7 @@ from emov2_gen.training_utils import (
     check_positive,
     configure_logging,
     ema_weights,
-    exit_on_non_finite_loss,
+    exit_on_divergence,
     load_resume_state,
     prepare_output_dir,
     register_checkpoint_hooks,
@@ -448,4 +448,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    exit_on_non_finite_loss(lambda: main(parse_args()))
+    exit_on_divergence(lambda: main(parse_args()))
