@@ -135,6 +135,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     timing.add_argument("--timing_warmup_steps", type=int, default=20,
                         help="Untimed steps before them (lazy initialisation, the first batches).")
     timing.add_argument("--timing_repeats", type=int, default=3, help="Timing runs per model (the fastest counts), models in turn.")
+    timing.add_argument("--timing_dir", type=str, default=None,
+                        help="Where timing runs are kept and reused by name (default OUTPUT_DIR/timing). Another "
+                             "comparison's timing folder shares its equal-time axis, e.g. for a replicate at another "
+                             "seed; its runs must have the same models, resolution and batch size.")
     parser.add_argument("--jobs", type=int, default=1, help="Training runs of the sweep at a time.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Where the model-only cost columns (model s/step, peak memory) are measured: where the runs "
@@ -233,16 +237,16 @@ def time_training(args: argparse.Namespace, channels: int) -> dict[str, float]:
     in turn (A, B, A, B, ...), and no run shares the machine with another. The fastest of `--timing_repeats` counts:
     on a shared machine interference only ever adds time, so the fastest run is the nearest to the model's own cost
     (timeit's rule). A median of 3 was not enough: a slow spell that hit two runs of one model and one of the other
-    read the 5M pair's ratio as 1.76x instead of 1.2x. Finished timing runs are reused.
+    read the 5M pair's ratio as 1.76x instead of 1.2x. Finished timing runs (in `--timing_dir`) are reused.
     """
     warmup = args.timing_warmup_steps
     steps = warmup + args.timing_steps
     lr = min(args.learning_rates)
     seconds: dict[str, list[float]] = {spec.label: [] for spec in args.specs}
+    timing_dir = Path(args.timing_dir or Path(args.output_dir) / "timing")
     for repeat in range(args.timing_repeats):
         for spec in args.specs:
-            timing_dir = Path(args.output_dir) / "timing" / f"{spec.label}-{steps}steps-{repeat}"
-            run_dir = train(spec, lr, args, channels, steps, timing_dir)
+            run_dir = train(spec, lr, args, channels, steps, timing_dir / f"{spec.label}-{steps}steps-{repeat}")
             if diverged(run_dir):
                 raise RuntimeError(f"The timing run {run_dir} diverged at lr {lr:g}; put a lower rate in the sweep.")
             clock = dict(read_scalars(run_dir / "logs")["train_seconds"])

@@ -245,6 +245,27 @@ def test_training_is_timed_one_run_at_a_time_in_turn_and_the_fastest_run_counts(
         fair_compare.time_training(args, channels=1)
 
 
+def test_timing_runs_go_to_timing_dir_where_another_comparison_shares_them(tmp_path, monkeypatch):
+    """A replicate at another seed reads the first comparison's equal-time axis from its timing folder."""
+    shared = tmp_path / "seed0" / "timing"
+    args = fair_compare.parse_args(["--models", "unet2d-1m", "--learning_rates", "1e-3", "3e-3", "1e-2", "--seed", "1",
+                                    "--timing_steps", "4", "--timing_warmup_steps", "1", "--timing_repeats", "1",
+                                    "--timing_dir", str(shared), "--output_dir", str(tmp_path / "seed1")])
+    run_dirs = []
+
+    def fake_train(spec, lr, args, channels, steps=None, run_dir=None):
+        run_dirs.append(run_dir)
+        writer = SummaryWriter(str(run_dir / "logs" / "train_ddpm"))
+        for step in range(1, steps + 1):
+            writer.add_scalar("train_seconds", 0.25 * step, step)
+        writer.close()
+        return run_dir
+
+    monkeypatch.setattr(fair_compare, "train", fake_train)
+    assert fair_compare.time_training(args, channels=1) == {"unet2d-1m": 0.25}
+    assert run_dirs == [shared / "unet2d-1m-5steps-0"] and not (tmp_path / "seed1" / "timing").exists()
+
+
 def test_fid_is_sampled_once_for_every_distinct_run_and_reused(tmp_path, monkeypatch):
     args = fair_compare.parse_args(["--models", "emov2-1m", "--output_dir", str(tmp_path)])
     calls = []
