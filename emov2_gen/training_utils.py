@@ -166,7 +166,15 @@ def load_resume_state(
     if checkpoint is None:
         return 0, 0, 0
     logger.info(f"Resuming from {checkpoint}")
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load the training state in {checkpoint} ({type(error).__name__}: {error}). The checkpoint is "
+            "incomplete or corrupt, or was written by another version of the script (train_ddpm.py checkpoints from "
+            "before its loss-collapse check kept its state hold one training-state object fewer). Resume from "
+            "another checkpoint, or start afresh with --overwrite_output_dir."
+        ) from error
     global_step = checkpoint_step(checkpoint)
     first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
     if global_step >= max_train_steps:

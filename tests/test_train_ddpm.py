@@ -332,7 +332,8 @@ def test_a_collapsed_loss_stops_the_run_and_a_resumed_run_remembers_it_had_learn
     run_training(quick_args(out, tiny_config, *flags, steps=4))
     model_calls.clear()
     model_calls.extend([1] * 4)  # the resumed run's steps 5.. are the collapse
-    with pytest.raises(training_utils.LossCollapseError, match=r"collapsed at optimiser step 6: .* 100% .* down to 20%"):
+    collapsed = r"collapsed at optimiser step 6: .* 100% .* down to 20%"
+    with pytest.raises(training_utils.LossCollapseError, match=collapsed):
         run_training(quick_args(out, tiny_config, *flags, "--resume_from_checkpoint", "latest", steps=8))
     assert not (out / "checkpoint-8").exists()
     run_training(quick_args(out, tiny_config, "--checkpointing_steps", "4", "--collapse_window", "0",
@@ -408,6 +409,24 @@ def test_checkpoint_of_another_model_is_refused_before_training(tmp_path, tiny_c
         run_training(quick_args(out, wider, "--resume_from_checkpoint", "latest", steps=4))
     assert checkpoint_names(out) == ["checkpoint-2"]
     assert_same_weights(before, weights(out / "checkpoint-2" / "unet"))
+
+
+def test_an_incomplete_or_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_config):
+    """A checkpoint missing a training-state object (one from before the collapse check kept its state) or holding a
+    damaged optimizer file names the checkpoint and the way out instead of accelerate's bare error."""
+    out = tmp_path / "run"
+    run_training(quick_args(out, tiny_config, "--checkpointing_steps", "2"))
+    checkpoint = out / "checkpoint-2"
+    custom_states = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
+    assert len(custom_states) == 2  # the training clock and the collapse check
+    custom_states[-1].unlink()
+    with pytest.raises(RuntimeError, match=r"(?s)Could not load the training state in .*checkpoint-2 .*version"):
+        run_training(quick_args(out, tiny_config, "--resume_from_checkpoint", "latest", steps=4))
+    run_training(quick_args(tmp_path / "run2", tiny_config, "--checkpointing_steps", "2"))
+    optimizer_file = tmp_path / "run2" / "checkpoint-2" / "optimizer.bin"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=r"(?s)Could not load the training state .*corrupt"):
+        run_training(quick_args(tmp_path / "run2", tiny_config, "--resume_from_checkpoint", "latest", steps=4))
 
 
 def test_output_dir_of_another_run_needs_resume_or_overwrite(tmp_path, tiny_config):
