@@ -556,7 +556,7 @@ def main(args: argparse.Namespace) -> None:
                         desc="Steps")
     noise_generator = torch.Generator(device=accelerator.device)
     latent_generator = torch.Generator(device=accelerator.device)
-    last_sync_time, accumulated_losses, accumulated_zero_losses = time.perf_counter(), [], []
+    last_sync_time, accumulated_losses = time.perf_counter(), []
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -595,19 +595,18 @@ def main(args: argparse.Namespace) -> None:
                                       args.prediction_type)
                 zero_loss = diffusion_loss(torch.zeros_like(model_output), clean_images, noise, timesteps,
                                            noise_scheduler, args.prediction_type)  # the collapse check's scale
-                losses, zero_losses = accelerator.gather(torch.stack([loss.detach(), zero_loss]).reshape(1, 2)).T
-                if not torch.isfinite(losses).all():
+                gathered = accelerator.gather(torch.stack([loss.detach(), zero_loss]).reshape(1, 2))  # process x 2
+                if not torch.isfinite(gathered[:, 0]).all():
                     checkpoints = list_checkpoints(output_dir)
                     accelerator.end_training()
                     raise NonFiniteLossError(
-                        f"The loss became {losses.tolist()} at epoch {epoch}, batch {batch_index} (optimiser step "
-                        f"{global_step + 1}); training stopped before this update. The last good checkpoint is "
+                        f"The loss became {gathered[:, 0].tolist()} at epoch {epoch}, batch {batch_index} (optimiser "
+                        f"step {global_step + 1}); training stopped before this update. The last good checkpoint is "
                         f"{checkpoints[-1] if checkpoints else 'none (no checkpoint was saved yet)'}. Lower "
                         "--learning_rate, check the data or the mixed precision, then resume with "
                         "--resume_from_checkpoint latest."
                     )
-                accumulated_losses.append(losses.mean())
-                accumulated_zero_losses.append(zero_losses.mean())
+                accumulated_losses.append(gathered.mean(dim=0))  # (loss, zero-prediction loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -621,8 +620,9 @@ def main(args: argparse.Namespace) -> None:
                 global_step += 1
                 progress_bar.update(1)
                 now = time.perf_counter()
+                mean_loss, mean_zero_loss = torch.stack(accumulated_losses).mean(dim=0).tolist()
                 logs = {
-                    "loss": torch.stack(accumulated_losses).mean().item(),
+                    "loss": mean_loss,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "step": global_step,
                     "epoch": epoch,
@@ -634,10 +634,10 @@ def main(args: argparse.Namespace) -> None:
                     logs["ema_decay"] = ema_model.cur_decay_value
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
-                if collapse.update(logs["loss"], torch.stack(accumulated_zero_losses).mean().item()):
+                if collapse.update(mean_loss, mean_zero_loss):
                     accelerator.end_training()
                     raise LossCollapseError(collapse.message(global_step))
-                accumulated_losses, accumulated_zero_losses = [], []
+                accumulated_losses = []
                 clock.stop()
                 if heldout is not None and (global_step % args.heldout_steps == 0 or global_step >= max_train_steps):
                     log_heldout_loss(accelerator, model, ema_model, heldout, noise_scheduler, global_step)
